@@ -1,0 +1,55 @@
+"""The environment interface every part of steerlab talks to.
+
+Built-in suite: pure-JAX and functional (gymnax/brax style), so ``jax.vmap`` over environments
+and ``jax.lax.scan`` over time need no Python in the loop, and a state is copied for free.
+
+    reset(key) -> (state, obs)
+    step(state, action) -> (state, obs, reward, done, info)   # info: {"success", "progress"}
+
+Observation dict (one environment, unbatched):
+    state        float32 [S]            gripper pose and grip, object and zone positions
+    image        uint8   [64, 64, 3]    top-down render (only when the env renders images)
+    instruction  int32   [L]            token ids over a fixed vocabulary, right-padded with 0
+    task_id      int32   []
+Actions are float32 [A] = (dx, dy, grip) in [-1, 1]; grip > 0 closes.
+After ``done`` an episode is frozen: ``step`` returns the same state with done/success kept,
+so a fixed-horizon scan needs no autoreset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import jax
+
+Obs = dict[str, jax.Array]
+EnvState = Any  # a pytree for JAX envs, an opaque handle for simulator adapters
+
+IMAGE_SIZE = 64
+ACTION_DIM = 3
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """Static facts about an environment that policies and verifiers size themselves from."""
+
+    task: str
+    variant: str
+    state_dim: int
+    action_dim: int
+    instruction_len: int
+    vocab_size: int
+    num_tasks: int
+    max_steps: int
+    image: bool
+
+
+class FunctionalEnv(Protocol):
+    spec: EnvSpec
+
+    def reset(self, key: jax.Array) -> tuple[EnvState, Obs]: ...
+
+    def step(
+        self, state: EnvState, action: jax.Array
+    ) -> tuple[EnvState, Obs, jax.Array, jax.Array, dict[str, jax.Array]]: ...

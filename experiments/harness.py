@@ -1,0 +1,283 @@
+"""The rollout harness: encode → sample M candidates → score → select → execute h of H steps.
+
+On the built-in suite the whole evaluation is one compiled call: ``vmap`` over episodes and
+``lax.scan`` over decisions (and over the h executed steps inside a decision). Latency is split
+into encode / sample / score / env on a separate uncompiled-loop pass over one environment,
+because phases fused inside one XLA program cannot be timed apart. Any gymnasium environment
+runs through the same jitted policy/verifier calls in a Python loop (``evaluate_gym``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SELECTIONS = ("argmax", "softmax")
+PRIVILEGED = ("env_state", "expert_chunk")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    M: int = 1
+    """candidate chunks sampled per decision"""
+    episodes: int = 50
+    """evaluation episodes; episode i starts from the indexed seed (seed, i)"""
+    replan: int = 4
+    """steps of each selected chunk executed before the next decision (h <= H)"""
+    selection: str = "argmax"
+    """argmax, or softmax over scores / temperature (as V-GPS samples)"""
+    temperature: float = 1.0
+    """softmax temperature"""
+    seed: int = 1000
+    """evaluation seed, independent of the training seed"""
+    max_steps: int = 0
+    """episode time limit; 0 takes the task's default"""
+    annotate_oracle: bool = True
+    """also score every candidate with the simulator oracle to record the chosen-vs-best gap"""
+    classify_modes: bool = True
+    """classify each executed chunk by its nearest scripted-expert mode"""
+    timing_decisions: int = 20
+    """decisions timed phase by phase on one environment (0 skips the timing pass)"""
+
+    def validate(self, horizon: int | None = None) -> None:
+        if self.M < 1:
+            raise ValueError(f"eval.M must be >= 1, got {self.M}")
+        if self.episodes < 1:
+            raise ValueError(f"eval.episodes must be >= 1, got {self.episodes}")
+        if self.replan < 1:
+            raise ValueError(f"eval.replan must be >= 1, got {self.replan}")
+        if horizon is not None and self.replan > horizon:
+            raise ValueError(
+                f"eval.replan must be <= the policy's chunk length H={horizon}, got {self.replan}"
+            )
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"eval.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.selection == "softmax" and not self.temperature > 0:
+            raise ValueError(f"eval.temperature must be > 0, got {self.temperature}")
+        if self.max_steps < 0:
+            raise ValueError(f"eval.max_steps must be >= 0, got {self.max_steps}")
+        if self.timing_decisions < 0:
+            raise ValueError(f"eval.timing_decisions must be >= 0, got {self.timing_decisions}")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything one evaluation closes over (static: hashable objects, not arrays)."""
+
+    env: Any  # functional env (envs.base.FunctionalEnv)
+    policy: Any  # policies.base.BasePolicy
+    verifier: Any  # verifiers.base.Verifier
+    cfg: EvalConfig
+    oracle: Any = None  # an oracle_sim verifier for annotation, or None
+    expert: Any = None  # envs.experts module when modes are classified / expert chunks needed
+
+    @property
+    def max_steps(self) -> int:
+        return self.cfg.max_steps or self.env.spec.max_steps
+
+    @property
+    def num_decisions(self) -> int:
+        return math.ceil(self.max_steps / self.cfg.replan)
+
+
+def episode_keys(seed: int, episodes: int) -> jax.Array:
+    """Indexed initial conditions: episode i always gets the same key, whatever the batch."""
+    base = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(episodes))
+
+
+def split_episode_key(key: jax.Array, num_decisions: int):
+    """(reset key, per-episode expert key, per-decision keys [num_decisions])."""
+    k_reset, k_expert, k_loop = jax.random.split(key, 3)
+    return k_reset, k_expert, jax.random.split(k_loop, num_decisions)
+
+
+def verifier_obs(setup: Setup, obs: dict, env_state: Any, k_expert: jax.Array) -> dict:
+    """The observation a verifier sees: the env's obs plus what it declared it needs."""
+    out = dict(obs)
+    needs = set(setup.verifier.requires)
+    if "env_state" in needs:
+        out["env_state"] = env_state
+    if "expert_chunk" in needs:
+        out["expert_chunk"] = setup.expert.expert_chunk(
+            setup.env, env_state, 0, k_expert, setup.policy.horizon
+        )
+    return out
+
+
+def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key):
+    """One decision for one env: returns (chosen chunk [H, A], index, scores [M], candidates)."""
+    from verifiers.registry import select
+
+    k_sample, k_score, k_select = jax.random.split(key, 3)
+    context = setup.policy.encode(pparams, obs)
+    cands = setup.policy.sample(pparams, context, k_sample, setup.cfg.M)
+    scores = setup.verifier.score(vstate, verifier_obs(setup, obs, env_state, k_expert), cands,
+                                  k_score)
+    index = select(scores, k_select, setup.cfg.selection, setup.cfg.temperature)
+    return cands.actions[index], index, scores, cands
+
+
+def execute_chunk(env, state, obs, actions):
+    """Steps one env through ``actions`` [h, A]; returns final (state, obs) and per-step info."""
+
+    def one(carry, action):
+        state, obs = carry
+        state, obs, reward, done, info = env.step(state, action)
+        return (state, obs), (reward, done, info["success"], info["progress"])
+
+    return jax.lax.scan(one, (state, obs), actions)
+
+
+def run_episode(setup: Setup, pparams, vstate, key):
+    """One full episode under ``lax.scan`` over decisions; returns per-episode records."""
+    env, h = setup.env, setup.cfg.replan
+    k_reset, k_expert, k_decisions = split_episode_key(key, setup.num_decisions)
+    state, obs = env.reset(k_reset)
+
+    def decision(carry, k):
+        state, obs, done, _, _ = carry
+        chunk, index, scores, cands = decide(setup, pparams, vstate, obs, state, k_expert, k)
+        rec = {"alive": ~done, "score": scores[index], "index": index}
+        if setup.oracle is not None:
+            oracle = setup.oracle.score(None, {**obs, "env_state": state}, cands, k)
+            rec["oracle_gap"] = jnp.max(oracle) - oracle[index]
+        if setup.expert is not None and setup.cfg.classify_modes:
+            rec["mode"] = setup.expert.classify_chunk(env, state, chunk, k_expert)
+        (state, obs), (_, dones, success, progress) = execute_chunk(env, state, obs, chunk[:h])
+        return (state, obs, done | dones[-1], success[-1], progress[-1]), rec
+
+    init = (state, obs, jnp.zeros((), bool), jnp.zeros((), bool), jnp.zeros((), jnp.float32))
+    (state, _, _, success, progress), recs = jax.lax.scan(decision, init, k_decisions)
+    return {
+        "success": success,
+        "progress": progress,
+        "length": state.t,
+        **{f"decisions/{k}": v for k, v in recs.items()},
+    }
+
+
+def evaluate_compiled(setup: Setup, pparams, vstate) -> dict[str, np.ndarray]:
+    """All episodes in one compiled call (vmap over episodes); numpy per-episode records."""
+    keys = episode_keys(setup.cfg.seed, setup.cfg.episodes)
+    run = jax.jit(jax.vmap(lambda p, v, k: run_episode(setup, p, v, k), in_axes=(None, None, 0)))
+    return jax.tree.map(np.asarray, jax.block_until_ready(run(pparams, vstate, keys)))
+
+
+def _ms(samples: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples) * 1e3
+    return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95))}
+
+
+def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]:
+    """Per-decision latency split by phase on one environment (batch 1), after compilation.
+
+    Each phase is its own jitted call followed by ``block_until_ready``; the first decision
+    (compilation) is discarded. Episodes restart when they end.
+    """
+    from verifiers.registry import select
+
+    env, policy, verifier, cfg = setup.env, setup.policy, setup.verifier, setup.cfg
+    encode = jax.jit(policy.encode)
+    sample = jax.jit(lambda p, c, k: policy.sample(p, c, k, cfg.M))
+    vobs = jax.jit(lambda o, s, k: verifier_obs(setup, o, s, k))
+    score = jax.jit(lambda v, o, c, k: select(verifier.score(v, o, c, k), k, cfg.selection,
+                                               cfg.temperature))
+    act = jax.jit(lambda s, o, a: execute_chunk(env, s, o, a[: cfg.replan]))
+    reset = jax.jit(env.reset)
+
+    def timed(fn, *args):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        return out, time.perf_counter() - t0
+
+    key = jax.random.PRNGKey(cfg.seed)
+    key, k_reset, k_expert = jax.random.split(key, 3)
+    state, obs = reset(k_reset)
+    phases: dict[str, list[float]] = {"encode": [], "sample": [], "score": [], "env": []}
+    for i in range(decisions + 1):
+        key, k_sample, k_score = jax.random.split(key, 3)
+        context, t_enc = timed(encode, pparams, obs)
+        cands, t_sample = timed(sample, pparams, context, k_sample)
+        t0 = time.perf_counter()
+        index = jax.block_until_ready(score(vstate, vobs(obs, state, k_expert), cands, k_score))
+        t_score = time.perf_counter() - t0
+        ((state, obs), (_, dones, _, _)), t_env = timed(act, state, obs, cands.actions[index])
+        if i > 0:
+            for name, t in zip(phases, (t_enc, t_sample, t_score, t_env)):
+                phases[name].append(t)
+        if bool(dones[-1]):
+            key, k_reset = jax.random.split(key)
+            state, obs = reset(k_reset)
+    totals = [sum(ts) for ts in zip(*phases.values())]
+    policy_s = np.median([a + b for a, b in zip(phases["encode"], phases["sample"])])
+    return {
+        "latency_ms": {**{k: _ms(v) for k, v in phases.items()}, "total": _ms(totals)},
+        "candidates_per_s": float(cfg.M / policy_s),
+        "timing_decisions": decisions,
+    }
+
+
+def evaluate_gym(setup: Setup, gym_env, pparams, vstate) -> dict[str, np.ndarray]:
+    """The same decisions through a gymnasium env in a Python loop (any simulator).
+
+    The policy and verifier run as one jitted call per decision; only ``gym_env.step`` is
+    Python. An env that takes ``options={"key": ...}`` at reset (the built-in suite's wrapper)
+    starts from the same initial state as the compiled path, so the two agree seed for seed;
+    its ``info["env_state"]`` feeds verifiers that need the simulator state.
+    """
+    cfg = setup.cfg
+    decide_jit = jax.jit(lambda p, v, o, s, ke, k: decide(setup, p, v, o, s, ke, k)[:2])
+    keys = episode_keys(cfg.seed, cfg.episodes)
+    out: dict[str, list] = {"success": [], "progress": [], "length": []}
+    for i in range(cfg.episodes):
+        k_reset, k_expert, k_decisions = split_episode_key(keys[i], setup.num_decisions)
+        obs, info = gym_env.reset(seed=cfg.seed + i, options={"key": k_reset})
+        success, progress, steps = False, 0.0, 0
+        for d in range(setup.num_decisions):
+            chunk, _ = decide_jit(pparams, vstate, jax.tree.map(jnp.asarray, obs),
+                                  info.get("env_state"), k_expert, k_decisions[d])
+            for action in np.asarray(chunk[: cfg.replan]):
+                obs, _, terminated, truncated, info = gym_env.step(action)
+                steps += 1
+                success, progress = bool(info["success"]), float(info["progress"])
+                if terminated or truncated or steps >= setup.max_steps:
+                    break
+            if terminated or truncated or steps >= setup.max_steps:
+                break
+        out["success"].append(success)
+        out["progress"].append(progress)
+        out["length"].append(steps)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def summarize(records: dict[str, np.ndarray], mode_names: tuple[str, ...] = ()) -> dict:
+    """Run-level metrics from per-episode records."""
+    from analysis.stats import wilson_interval
+
+    success = np.asarray(records["success"], bool)
+    low, high = wilson_interval(int(success.sum()), len(success))
+    metrics = {
+        "episodes": int(len(success)),
+        "successes": int(success.sum()),
+        "success_rate": float(success.mean()),
+        "success_ci_low": float(low),
+        "success_ci_high": float(high),
+        "mean_length": float(np.mean(records["length"])),
+        "mean_final_progress": float(np.mean(records["progress"])),
+    }
+    alive = records.get("decisions/alive")
+    if alive is not None and "decisions/oracle_gap" in records:
+        metrics["oracle_gap"] = float(records["decisions/oracle_gap"][alive].mean())
+    if alive is not None and "decisions/mode" in records and mode_names:
+        modes = records["decisions/mode"][alive]
+        counts = np.bincount(modes, minlength=len(mode_names)) / max(len(modes), 1)
+        metrics["mode_fraction"] = {m: float(c) for m, c in zip(mode_names, counts)}
+        metrics["pi_star_fraction"] = float(counts[0])
+    return metrics

@@ -1,0 +1,38 @@
+"""The base-policy interface: the generators that verifiers re-rank and adapters change.
+
+    encode(params, obs) -> Context                  # expensive, once per observation
+    sample(params, context, key, M) -> Candidates   # M chains in one batch against the context
+
+Shapes: M candidates, H chunk length, A action dim, F feature dim. ``obs`` is one unbatched
+observation dict (see ``envs.base``); callers ``vmap`` over environments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+from flax import struct
+
+Context = Any  # policy-specific pytree (prefix keys/values, ...)
+
+
+@struct.dataclass
+class Candidates:
+    actions: jax.Array  # f32 [M, H, A], in the env's action space [-1, 1]
+    features: jax.Array  # f32 [M, F], the policy's own internal feature per candidate
+    log_prob: jax.Array | None = None  # f32 [M], where the policy defines a likelihood
+    extras: dict = struct.field(default_factory=dict)  # e.g. "noise" [M, H, A], "token_probs"
+
+
+class BasePolicy(Protocol):
+    horizon: int  # H
+    action_dim: int  # A
+    feature_dim: int  # F
+    has_log_prob: bool
+
+    def init(self, key: jax.Array, obs: dict) -> Any: ...
+
+    def encode(self, params: Any, obs: dict) -> Context: ...
+
+    def sample(self, params: Any, context: Context, key: jax.Array, M: int) -> Candidates: ...
