@@ -1,0 +1,43 @@
+"""Task suites behind one functional interface, scripted experts and demonstration datasets.
+
+``import envs`` registers the gymnasium ids ``steerlab/Reach-v0``, ``steerlab/Push-v0``,
+``steerlab/PickPlace-v0`` and ``steerlab/Sort-v0``.
+"""
+
+from envs.base import ACTION_DIM, IMAGE_SIZE, EnvSpec, FunctionalEnv
+from envs.gym_env import GYM_IDS, TabletopGymEnv, register  # noqa: E402  (after make)
+from envs.language import COLOURS, INSTRUCTION_LEN, VOCAB, decode_instruction, tokenize
+from envs.tabletop import (
+    DEFAULT_MAX_STEPS,
+    REWARDS,
+    STATE_DIM,
+    TASKS,
+    VARIANTS,
+    TabletopEnv,
+    TabletopState,
+    make,
+)
+
+register()
+
+__all__ = [
+    "ACTION_DIM",
+    "COLOURS",
+    "DEFAULT_MAX_STEPS",
+    "GYM_IDS",
+    "IMAGE_SIZE",
+    "INSTRUCTION_LEN",
+    "REWARDS",
+    "STATE_DIM",
+    "TASKS",
+    "VARIANTS",
+    "VOCAB",
+    "EnvSpec",
+    "FunctionalEnv",
+    "TabletopEnv",
+    "TabletopGymEnv",
+    "TabletopState",
+    "decode_instruction",
+    "make",
+    "tokenize",
+]

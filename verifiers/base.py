@@ -23,4 +23,6 @@ class Verifier(Protocol):
     name: str
     requires: tuple[str, ...]
 
-    def score(self, vstate: Any, obs: dict, candidates: Candidates, key: jax.Array) -> jax.Array: ...
+    def score(
+        self, vstate: Any, obs: dict, candidates: Candidates, key: jax.Array
+    ) -> jax.Array: ...

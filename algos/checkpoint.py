@@ -1,0 +1,42 @@
+"""Orbax checkpoints of whole train-state pytrees (params, optimizer state, EMA, step, keys)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves every state handed to it under ``directory/<step>``, keeping the last ``keep_last``."""
+
+    def __init__(self, directory: str, keep_last: int = 2):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any) -> None:
+        self.manager.save(step, args=ocp.args.StandardSave(state))
+        self.manager.wait_until_finished()
+
+    def restore(self, target: Any, step: int | None = None) -> Any:
+        """Restores into the structure (and dtypes/shapes) of ``target`` (arrays or
+        ``jax.ShapeDtypeStruct``s, e.g. from ``jax.eval_shape``)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def close(self) -> None:
+        self.manager.close()

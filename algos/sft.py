@@ -1,0 +1,378 @@
+"""Supervised fine-tuning (behaviour cloning) of a base policy on demonstration chunks.
+
+AdamW with linear warm-up and cosine decay, global-norm clipping, optional EMA of the params.
+Several updates run per host call inside one jitted ``lax.scan``. The minibatch at step ``s`` is
+a pure function of (data key, s), so a run resumed from a checkpoint reproduces the
+uninterrupted run exactly. Checkpoints (Orbax) hold the whole train state.
+
+Run directory:
+    config.json      the resolved TrainConfig (policy sizes filled in)
+    metrics.jsonl    one row per log point / evaluation
+    ckpt/<step>/     Orbax checkpoints, the last ``keep_last`` kept
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from algos.checkpoint import Checkpointer
+from algos.common.config import from_dict, to_dict
+from policies import ARConfig, FlowConfig, example_obs, make_policy
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    policy: Literal["flow", "autoregressive"] = "flow"
+    """which base policy to train"""
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    """flow policy config (used when policy = flow)"""
+    autoregressive: ARConfig = field(default_factory=ARConfig)
+    """token policy config (used when policy = autoregressive)"""
+    tasks: tuple[str, ...] = ("pick_place",)
+    """tasks whose datasets are combined (the policy conditions on the instruction)"""
+    datasets: tuple[str, ...] = ()
+    """one demonstration path per task"""
+    variant: str = "nominal"
+    """env variant used for evaluation"""
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    cosine: bool = True
+    """cosine decay to final_lr_ratio * lr after warm-up (else constant)"""
+    final_lr_ratio: float = 0.05
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    """EMA of params (0 = off); evaluation and load_policy use the EMA when on"""
+    steps_per_call: int = 25
+    """updates per jitted host call (lax.scan)"""
+    log_every: int = 50
+    eval_every: int = 0
+    """evaluate every N steps (0 = only at the end)"""
+    eval_episodes: int = 32
+    eval_replan: int = 4
+    """actions executed per chunk before replanning during evaluation"""
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    seed: int = 0
+
+    @property
+    def policy_config(self):
+        return self.flow if self.policy == "flow" else self.autoregressive
+
+    def validate(self) -> None:
+        if self.policy not in ("flow", "autoregressive"):
+            raise ValueError(f"TrainConfig.policy must be 'flow' or 'autoregressive', "
+                             f"got {self.policy!r}")
+        if not self.tasks:
+            raise ValueError("TrainConfig.tasks must name at least one task")
+        if self.datasets and len(self.datasets) != len(self.tasks):
+            raise ValueError(f"TrainConfig.datasets needs one path per task "
+                             f"({len(self.tasks)}), got {len(self.datasets)}")
+        for name in ("steps", "batch_size", "steps_per_call", "log_every", "checkpoint_every",
+                     "keep_last", "eval_replan"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.eval_episodes < 0 or self.eval_every < 0:
+            raise ValueError("TrainConfig.eval_episodes and eval_every must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.eval_replan > self.policy_config.horizon:
+            raise ValueError(f"TrainConfig.eval_replan ({self.eval_replan}) must be <= the "
+                             f"policy horizon ({self.policy_config.horizon})")
+
+
+def default_dataset_path(task: str) -> str:
+    return os.path.join("data", "demos", task)
+
+
+def default_train_config(task: str, policy: str = "flow") -> TrainConfig:
+    """Defaults sized to train on 2 CPU cores in about ten minutes."""
+    steps = {"reach": 1000, "push": 1500, "pick_place": 1500, "sort": 2000}.get(task, 1500)
+    return TrainConfig(policy=policy, tasks=(task,), datasets=(default_dataset_path(task),),
+                       steps=steps)
+
+
+class TrainState(struct.PyTreeNode):
+    params: dict
+    opt_state: optax.OptState
+    ema: dict  # {} when EMA is off
+    step: jax.Array  # i32 []
+    key: jax.Array  # data/loss key; the minibatch at step s uses fold_in(key, s)
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    if cfg.cosine:
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, max(cfg.warmup, 1), max(cfg.steps, cfg.warmup + 1),
+            end_value=cfg.lr * cfg.final_lr_ratio)
+    return optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup, 1))
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(make_schedule(cfg), weight_decay=cfg.weight_decay))
+
+
+def resolve_config(cfg: TrainConfig, spec) -> TrainConfig:
+    """Fills policy size fields left at 0 from the env spec."""
+    return dataclasses.replace(cfg, flow=cfg.flow.with_spec(spec),
+                               autoregressive=cfg.autoregressive.with_spec(spec))
+
+
+def load_data(cfg: TrainConfig) -> dict:
+    """Concatenated chunk arrays of all tasks' datasets: obs, actions [N, H, A], valid [N, H]."""
+    from envs.dataset import load_demos
+
+    paths = cfg.datasets or tuple(default_dataset_path(t) for t in cfg.tasks)
+    h = cfg.policy_config.horizon
+    parts = [load_demos(p).chunks(h) for p in paths]
+    keys = ["state", "instruction", "task_id"] + (["image"] if cfg.policy_config.image else [])
+    obs = {k: np.concatenate([np.asarray(p["obs"][k]) for p in parts]) for k in keys}
+    return {"obs": obs,
+            "actions": np.concatenate([np.asarray(p["actions"], np.float32) for p in parts]),
+            "valid": np.concatenate([np.asarray(p["valid"], bool) for p in parts])}
+
+
+def init_state(policy, cfg: TrainConfig, tx) -> TrainState:
+    key = jax.random.PRNGKey(cfg.seed)
+    k_init, k_data = jax.random.split(key)
+    params = policy.init(k_init, example_obs(policy.cfg))
+    ema = jax.tree.map(jnp.copy, params) if cfg.ema_decay > 0 else {}  # no shared buffers
+    return TrainState(params, tx.init(params), ema, jnp.zeros((), jnp.int32), k_data)
+
+
+# fields that do not change the compiled update; reset so runs that differ only in them
+# (seeds, logging, evaluation) share one compilation within a process
+_HOST_FIELDS = dict(seed=0, log_every=1, eval_every=0, eval_episodes=0, eval_replan=1,
+                    checkpoint_every=1, keep_last=1, steps_per_call=1, tasks=("",), datasets=(),
+                    variant="")
+
+
+def make_update(policy, cfg: TrainConfig, tx=None):
+    """A jitted ``update(state, data, n) -> (state, info)`` running n steps in a lax.scan."""
+    del tx  # rebuilt from cfg so the compiled function can be shared
+    return _make_update(policy, dataclasses.replace(cfg, **_HOST_FIELDS))
+
+
+@functools.lru_cache(maxsize=8)
+def _make_update(policy, cfg: TrainConfig):
+    tx = make_optimizer(cfg)
+
+    def one(state: TrainState, data):
+        k_idx, k_loss = jax.random.split(jax.random.fold_in(state.key, state.step))
+        n = data["actions"].shape[0]
+        idx = jax.random.randint(k_idx, (cfg.batch_size,), 0, n)
+        batch = jax.tree.map(lambda x: x[idx], data)
+        (loss, info), grads = jax.value_and_grad(policy.loss, has_aux=True)(
+            state.params, batch, k_loss)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if cfg.ema_decay > 0:
+            d = cfg.ema_decay
+            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, params)
+        info = {**info, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(params=params, opt_state=opt_state, ema=ema,
+                             step=state.step + 1), info
+
+    def update(state, data, n):
+        state, infos = jax.lax.scan(lambda s, _: one(s, data), state, None, length=n)
+        return state, jax.tree.map(jnp.mean, infos)
+
+    return jax.jit(update, static_argnames="n", donate_argnums=0)
+
+
+def rollout_success(env, policy, params, key, episodes: int, replan: int) -> dict:
+    """M = 1 closed-loop success: vmap over episodes, scan over decisions, scan over the
+    ``replan`` executed actions of each chunk. Returns mean success and progress."""
+    decisions = -(-env.spec.max_steps // replan)
+    k_reset, k_act = jax.random.split(key)
+    state, obs = jax.vmap(env.reset)(jax.random.split(k_reset, episodes))
+
+    def decide(o, k):
+        cand = policy.sample(params, policy.encode(params, o), k, 1)
+        return cand.actions[0]  # [H, A]
+
+    def act(carry, i):
+        state, obs, succ, prog = carry
+        keys = jax.random.split(jax.random.fold_in(k_act, i), episodes)
+        chunk = jax.vmap(decide)(obs, keys)  # [B, H, A]
+
+        def env_step(c, a):
+            s, o, sc, pg = c
+            s, o, _, _, info = jax.vmap(env.step)(s, a)
+            return (s, o, sc | info["success"], jnp.maximum(pg, info["progress"])), None
+
+        carry, _ = jax.lax.scan(env_step, (state, obs, succ, prog),
+                                jnp.swapaxes(chunk[:, :replan], 0, 1))
+        return carry, None
+
+    init = (state, obs, jnp.zeros((episodes,), bool), jnp.zeros((episodes,)))
+    (_, _, succ, prog), _ = jax.lax.scan(act, init, jnp.arange(decisions))
+    return {"success_rate": succ.mean(), "progress": prog.mean()}
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """On resume, drop rows logged after the restored checkpoint (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    _atomic_write(path, "".join(rows))
+
+
+def _has_final(path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return any(json.loads(ln).get("final") for ln in f if ln.strip())
+
+
+def _log(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _boundaries(cfg: TrainConfig, step: int) -> int:
+    """Next step at which the host must act; depends on config only, so resumes stay exact."""
+    periods = [cfg.steps_per_call, cfg.log_every, cfg.checkpoint_every]
+    if cfg.eval_every > 0:
+        periods.append(cfg.eval_every)
+    return min([cfg.steps] + [(step // p + 1) * p for p in periods])
+
+
+def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, env=None,
+                 stop_after: int | None = None, progress: bool = True) -> str:
+    """Trains (or resumes) the policy of ``cfg`` in ``run_dir``; returns ``run_dir``.
+
+    ``data`` (chunk arrays as ``load_data`` returns) and ``env`` (for evaluation; None with
+    ``eval_episodes`` still set builds ``envs.make(tasks[0], variant)``) may be given directly.
+    ``stop_after`` stops once that step is reached (as an interruption would).
+    """
+    cfg.validate()
+    os.makedirs(run_dir, exist_ok=True)
+    pc = cfg.policy_config
+    unsized = min(pc.state_dim, pc.instruction_len, pc.vocab_size, pc.num_tasks) == 0
+    if env is None and (cfg.eval_episodes > 0 or unsized):
+        import envs
+
+        env = envs.make(cfg.tasks[0], cfg.variant, image=pc.image)
+    if env is not None:
+        cfg = resolve_config(cfg, env.spec)
+    cfg_path = os.path.join(run_dir, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            old = json.load(f)
+        if old != to_dict(cfg):
+            raise ValueError(f"{run_dir} holds a run with a different config; "
+                             "use a new run directory")
+    else:
+        _atomic_write(cfg_path, json.dumps(to_dict(cfg), indent=2))
+    if data is None:
+        data = load_data(cfg)
+    data = jax.tree.map(jnp.asarray, data)
+    num_samples = int(data["actions"].shape[0])
+
+    policy = make_policy(cfg.policy, cfg.policy_config)
+    tx = make_optimizer(cfg)
+    state = init_state(policy, cfg, tx)
+    ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), cfg.keep_last)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(state)
+        _truncate_metrics(metrics_path, int(state.step))
+        if int(state.step) == cfg.steps and _has_final(metrics_path):
+            ckpt.close()
+            return run_dir  # already finished
+    update = make_update(policy, cfg, tx)
+    evaluate = jax.jit(lambda p, k: rollout_success(env, policy, p, k, cfg.eval_episodes,
+                                                    cfg.eval_replan))
+
+    def run_eval(step):
+        t0 = time.perf_counter()
+        p = state.ema if cfg.ema_decay > 0 else state.params
+        res = jax.device_get(evaluate(p, jax.random.PRNGKey(10_000 + cfg.seed)))
+        row = {"step": step, "eval/success_rate": float(res["success_rate"]),
+               "eval/progress": float(res["progress"]), "eval/n_episodes": cfg.eval_episodes,
+               "time/eval_s": time.perf_counter() - t0}
+        _log(metrics_path, row)
+        return row
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("sft {task.fields[name]}"), BarColumn(),
+                   TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.4f}"),
+                   TextColumn("{task.fields[sps]:.0f} samples/s"), TimeRemainingColumn(),
+                   disable=not progress)
+    step = int(state.step)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    with bar:
+        task = bar.add_task("train", total=cfg.steps, completed=step, name=cfg.policy,
+                            loss=float("nan"), sps=0.0)
+        t_log, s_log, compile_s = time.perf_counter(), step, None
+        while step < end:
+            n = min(_boundaries(cfg, step), end) - step
+            t0 = time.perf_counter()
+            state, info = update(state, data, n)
+            step += n
+            if compile_s is None:
+                jax.block_until_ready(state.step)
+                compile_s = time.perf_counter() - t0
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                info = {k: float(v) for k, v in jax.device_get(info).items()}
+                now = time.perf_counter()
+                sps = (step - s_log) * cfg.batch_size / max(now - t_log, 1e-9)
+                t_log, s_log = now, step
+                _log(metrics_path, {"step": step, **{f"train/{k}": v for k, v in info.items()},
+                                    "train/lr": float(make_schedule(cfg)(step)), "time/sps": sps,
+                                    "time/compile_s": compile_s, "data/samples": num_samples})
+                bar.update(task, completed=step, loss=info["loss"], sps=sps)
+            if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.steps:
+                run_eval(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                ckpt.save(step, state)
+    if step == cfg.steps and cfg.eval_episodes > 0 and env is not None:
+        row = run_eval(step)
+        _log(metrics_path, {"step": step, "final": True, **{k: v for k, v in row.items()
+                                                              if k != "step"}})
+    ckpt.close()
+    return run_dir
+
+
+def load_config(run_dir: str) -> TrainConfig:
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return from_dict(TrainConfig, json.load(f))
+
+
+def load_policy(run_dir: str, step: int | None = None):
+    """(policy, params, cfg) of a trained run; params are the EMA when EMA was on."""
+    cfg = load_config(run_dir)
+    policy = make_policy(cfg.policy, cfg.policy_config)
+    tx = make_optimizer(cfg)
+    target = jax.eval_shape(lambda: init_state(policy, cfg, tx))
+    ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), cfg.keep_last)
+    state = ckpt.restore(target, step)
+    ckpt.close()
+    return policy, (state.ema if cfg.ema_decay > 0 else state.params), cfg

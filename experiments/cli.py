@@ -1,0 +1,175 @@
+"""The ``steerlab`` command line: one place where arguments are parsed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _print_json(data: dict, path: str | None) -> None:
+    from experiments.io import write_json
+
+    print(json.dumps(data, indent=2))
+    if path:
+        write_json(path, data)
+        print(f"wrote {path}")
+
+
+def cmd_demos(args) -> None:
+    from envs.dataset import parse_mix, summarize, write_demos
+
+    mix = parse_mix(args.mix, args.task) if args.mix else None
+    manifest = write_demos(args.task, args.episodes, mix, args.seed, args.out, variant=args.variant)
+    print(summarize(manifest))
+
+
+def cmd_train_policy(args) -> None:
+    from experiments.run import train_policy_cli
+
+    train_policy_cli(args.config, args.overrides, args.out)
+
+
+def cmd_fit_verifier(args) -> None:
+    from experiments.run import fit_verifier_cli
+
+    fit_verifier_cli(args.name, args.policy, args.demos, args.out, args.overrides)
+
+
+def cmd_eval(args) -> None:
+    from experiments.run import eval_cli
+
+    eval_cli(args.config, args.overrides, args.out)
+
+
+def cmd_scaling(args) -> None:
+    from experiments.run import scaling_cli
+
+    scaling_cli(args.policy, args.demos, args.out, args.overrides)
+
+
+def cmd_bench(args) -> None:
+    if args.what == "env":
+        from envs.bench import bench_env
+
+        _print_json(bench_env(num_envs=args.num_envs, task=args.task), args.json)
+    else:
+        from experiments.run import bench_sampling_cli
+
+        _print_json(bench_sampling_cli(args.policy, args.verifier), args.json)
+
+
+def cmd_report(args) -> None:
+    from analysis.report import make_report
+
+    print(make_report(args.dirs, out_dir=args.out))
+
+
+def cmd_grid(args) -> None:
+    from experiments.grid import grid_run_cli, grid_status_cli
+
+    if args.grid_cmd == "run":
+        code = grid_run_cli(args.spec, out=args.out, workers=args.workers, backend=args.backend,
+                            address=args.address)
+    else:
+        code = grid_status_cli(args.out)
+    if code:
+        raise SystemExit(code)
+
+
+def cmd_quickstart(args) -> None:
+    from experiments.quickstart import quickstart
+
+    quickstart(args.out, fast=args.fast)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="steerlab",
+        description="Steer robot action-chunk policies with verifiers and adapters; measure "
+        "success, latency and scaling.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("quickstart", help="demos → policy SFT → verifier sweep → scaling → report")
+    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--fast", action="store_true", help="a tiny smoke-sized run (seconds)")
+    s.set_defaults(fn=cmd_quickstart)
+
+    s = sub.add_parser("demos", help="write a scripted-expert demonstration dataset")
+    s.add_argument("--task", default="pick_place")
+    s.add_argument("--variant", default="nominal")
+    s.add_argument("--episodes", type=int, default=200)
+    s.add_argument("--mix", default="", help="e.g. optimal=0.6,hesitant=0.15,detour=0.15,"
+                   "sloppy=0.1 (default: the task's mixture)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_demos)
+
+    s = sub.add_parser("train-policy", help="SFT a base policy on a demonstration dataset")
+    s.add_argument("--config", default=None, help="YAML file with TrainConfig fields")
+    s.add_argument("--out", required=True, help="run directory (resumes if it has checkpoints)")
+    s.add_argument("overrides", nargs="*", help="field.path=value")
+    s.set_defaults(fn=cmd_train_policy)
+
+    s = sub.add_parser("fit-verifier", help="fit a learned verifier (cfn) for a trained policy")
+    s.add_argument("name")
+    s.add_argument("--policy", required=True, help="policy run directory")
+    s.add_argument("--demos", default=None, help="dataset (default: the policy's own)")
+    s.add_argument("--out", required=True)
+    s.add_argument("overrides", nargs="*", help="field.path=value")
+    s.set_defaults(fn=cmd_fit_verifier)
+
+    s = sub.add_parser("eval", help="evaluate policy + verifier at M candidates in the harness")
+    s.add_argument("--config", default=None, help="YAML file with run-config fields")
+    s.add_argument("--out", required=True)
+    s.add_argument("overrides", nargs="*", help="field.path=value, e.g. eval.M=16")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("scaling", help="offline action-error vs N study with power-law fits")
+    s.add_argument("--policy", required=True)
+    s.add_argument("--demos", default=None)
+    s.add_argument("--out", required=True)
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_scaling)
+
+    s = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
+    s.add_argument("what", choices=["env", "sampling"])
+    s.add_argument("--json", default=None, help="write the figures to this file")
+    s.add_argument("--num-envs", type=int, default=1024)
+    s.add_argument("--task", default="pick_place")
+    s.add_argument("--policy", default=None, help="policy run directory (default: fresh init)")
+    s.add_argument("--verifier", default=None, help="verifier name to time as well (e.g. cfn)")
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("report", help="markdown report with plots from run or grid directories")
+    s.add_argument("dirs", nargs="+")
+    s.add_argument("--out", default=None)
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("grid", help="run or inspect an ablation grid")
+    gsub = s.add_subparsers(dest="grid_cmd", required=True)
+    g = gsub.add_parser("run", help="run a grid spec (resumes; retries failed cells)")
+    g.add_argument("spec")
+    g.add_argument("--out", required=True)
+    g.add_argument("--workers", type=int, default=1)
+    g.add_argument("--backend", choices=["local", "ray"], default="local")
+    g.add_argument("--address", default=None, help="existing Ray cluster address")
+    g = gsub.add_parser("status", help="done / running / failed / pending cells")
+    g.add_argument("out")
+    s.set_defaults(fn=cmd_grid)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"steerlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

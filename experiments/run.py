@@ -1,0 +1,209 @@
+"""Runs built from a ``RunConfig``: evaluation, scaling study, and the CLI entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from algos.common.config import to_dict
+from experiments.config import RunConfig, load_run_config
+from experiments.harness import (
+    Setup,
+    evaluate_compiled,
+    summarize,
+    time_phases,
+)
+from experiments.io import write_json, write_text
+from experiments.scaling import scaling_study
+
+RESULT_SCHEMA = "steerlab.result/1"
+
+
+def make_verifier_for(cfg: RunConfig, env, verifier_dir: str | os.PathLike | None):
+    """The run's verifier, with what it needs at build time (a fitted state, the env)."""
+    from verifiers.registry import make_verifier
+
+    name = cfg.verifier.name
+    if name == "oracle_sim":
+        return make_verifier(name, env=env, horizon=cfg.eval.replan)
+    if name == "cfn":
+        if verifier_dir is None:
+            raise ValueError("verifier.name=cfn needs a fitted CFN (steerlab fit-verifier cfn)")
+        return make_verifier(name, path=str(verifier_dir))
+    return make_verifier(name)
+
+
+def make_env_for(cfg: RunConfig, policy):
+    """The evaluation env; images are rendered only when the policy reads them."""
+    import envs
+
+    image = bool(getattr(policy.cfg, "image", True))
+    return envs.make(cfg.task, cfg.variant, image=image, max_steps=cfg.eval.max_steps or None)
+
+
+def build_setup(cfg: RunConfig, env, policy, verifier) -> Setup:
+    from envs import experts
+    from verifiers.registry import make_verifier
+
+    if "log_prob" in verifier.requires and not policy.has_log_prob:
+        raise ValueError(f"verifier {verifier.name!r} needs the policy's log-probabilities; the "
+                         f"{type(policy).__name__} policy has none (use policy.policy="
+                         "autoregressive)")
+    oracle = (make_verifier("oracle_sim", env=env, horizon=cfg.eval.replan)
+              if cfg.eval.annotate_oracle else None)
+    needs_expert = cfg.eval.classify_modes or "expert_chunk" in verifier.requires
+    return Setup(env=env, policy=policy, verifier=verifier, cfg=cfg.eval, oracle=oracle,
+                 expert=experts if needs_expert else None)
+
+
+def _episode_rows(records: dict[str, np.ndarray]) -> str:
+    rows = []
+    for i in range(len(records["success"])):
+        row = {"episode": i, "success": bool(records["success"][i]),
+               "progress": float(records["progress"][i]), "length": int(records["length"][i])}
+        alive = records.get("decisions/alive")
+        if alive is not None:
+            a = alive[i]
+            row["decisions"] = int(a.sum())
+            row["mean_chosen_score"] = float(records["decisions/score"][i][a].mean())
+            if "decisions/oracle_gap" in records:
+                row["mean_oracle_gap"] = float(records["decisions/oracle_gap"][i][a].mean())
+            if "decisions/mode" in records:
+                row["modes"] = records["decisions/mode"][i][a].tolist()
+        rows.append(json.dumps(row))
+    return "\n".join(rows) + "\n"
+
+
+def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = True) -> dict:
+    """Evaluates policy + verifier at M candidates; writes config, episodes and result.json."""
+    from algos.sft import load_policy
+    from envs.experts import MODES
+
+    cfg.validate()
+    policy, params, _ = load_policy(str(policy_dir))
+    env = make_env_for(cfg, policy)
+    setup = build_setup(cfg, env, policy, make_verifier_for(cfg, env, verifier_dir))
+    vstate = setup.verifier.state
+    t0 = time.perf_counter()
+    records = evaluate_compiled(setup, params, vstate)
+    eval_s = time.perf_counter() - t0
+    metrics = summarize(records, MODES[cfg.task])
+    metrics["eval_s"] = eval_s
+    if cfg.eval.timing_decisions:
+        metrics.update(time_phases(setup, params, vstate, cfg.eval.timing_decisions))
+    out = Path(out_dir)
+    write_json(out / "config.json", to_dict(cfg))
+    write_text(out / "episodes.jsonl", _episode_rows(records))
+    result = {"schema": RESULT_SCHEMA, "kind": "eval", "config": to_dict(cfg),
+              "policy_dir": str(policy_dir), "metrics": metrics}
+    write_json(out / "result.json", result)
+    if verbose:
+        print(f"[eval] {cfg.task}/{cfg.variant} verifier={cfg.verifier.name} M={cfg.eval.M}: "
+              f"success {metrics['success_rate']:.3f} "
+              f"[{metrics['success_ci_low']:.3f}, {metrics['success_ci_high']:.3f}] "
+              f"({metrics['episodes']} episodes, {eval_s:.1f}s)")
+    return result
+
+
+def run_scaling(cfg: RunConfig, policy_dir, out_dir, episodes: int = 40) -> dict:
+    """The offline best-of-N study on held-out demonstrations (a fresh seed)."""
+    from algos.sft import load_policy
+    from envs.dataset import load_demos, write_demos
+
+    policy, params, _ = load_policy(str(policy_dir))
+    out = Path(out_dir)
+    heldout = out / "heldout_demos"
+    if not (heldout / "manifest.json").exists():
+        write_demos(cfg.task, episodes, cfg.demos.mix or None, cfg.demos.seed + 10_000,
+                    str(heldout), overwrite=True)
+    chunks = load_demos(str(heldout)).chunks(policy.horizon)
+    t0 = time.perf_counter()
+    curves = scaling_study(policy, params, chunks, cfg.scaling)
+    result = {"schema": RESULT_SCHEMA, "kind": "scaling", "config": to_dict(cfg),
+              "policy_dir": str(policy_dir), "metrics": {"scaling_s": time.perf_counter() - t0},
+              "curves": curves}
+    for method, c in curves["methods"].items():
+        result["metrics"][f"{method}.b"] = c["fit"]["b"]
+        result["metrics"][f"{method}.r2"] = c["fit"]["r2"]
+    write_json(out / "config.json", to_dict(cfg))
+    write_json(out / "result.json", result)
+    for method, c in curves["methods"].items():
+        f = c["fit"]
+        print(f"[scaling] {method}: e(N) = {f['a']:.3f}·N^{f['b']:.3f}  R²={f['r2']:.3f}  "
+              f"b 95% CI [{f['b_ci'][0]:.3f}, {f['b_ci'][1]:.3f}]")
+    return result
+
+
+# ---- CLI entry points -------------------------------------------------------------------
+
+
+def train_policy_cli(config_path: str | None, overrides: list[str], out: str) -> None:
+    from algos.common.config import apply_overrides, from_dict, load_yaml
+    from algos.sft import TrainConfig, default_train_config, train_policy
+
+    base = from_dict(TrainConfig, load_yaml(config_path)) if config_path else \
+        default_train_config("pick_place")
+    cfg = apply_overrides(TrainConfig, base, overrides)
+    cfg.validate()
+    for path in cfg.datasets:
+        if not os.path.exists(os.path.join(path, "manifest.json")):
+            raise FileNotFoundError(f"datasets: no dataset at {path!r} (make one with "
+                                    "`steerlab demos --out PATH`)")
+    train_policy(cfg, out)
+
+
+def fit_verifier_cli(name: str, policy_dir: str, demos: str | None, out: str,
+                     overrides: list[str]) -> None:
+    from algos.sft import load_config
+    from verifiers.registry import fit_verifier_cli as fit
+
+    dataset = demos or load_config(policy_dir).datasets[0]
+    print(fit(name, policy_dir, dataset, out, overrides))
+
+
+def eval_cli(config_path: str | None, overrides: list[str], out: str) -> None:
+    """``steerlab eval policy_dir=... [verifier_dir=...] field=value ...``"""
+    paths = {k: v for k, v in (o.split("=", 1) for o in overrides if "=" in o)
+             if k in ("policy_dir", "verifier_dir")}
+    rest = [o for o in overrides if o.split("=", 1)[0] not in paths]
+    if "policy_dir" not in paths:
+        raise ValueError("eval: give policy_dir=RUN_DIR (a trained policy run directory)")
+    cfg = load_run_config(config_path, rest)
+    run_eval(cfg, paths["policy_dir"], paths.get("verifier_dir"), out)
+
+
+def scaling_cli(policy_dir: str, demos: str | None, out: str, overrides: list[str]) -> None:
+    cfg = load_run_config(None, overrides)
+    run_scaling(cfg, policy_dir, out)
+
+
+def bench_sampling_cli(policy_dir: str | None, verifier: str | None) -> dict:
+    from policies.bench import bench_sampling
+
+    score_fn = None
+    if verifier:
+        if verifier != "cfn":
+            raise ValueError(f"bench sampling --verifier: only 'cfn' is timed, got {verifier!r}")
+        score_fn = _bench_cfn_score_fn(policy_dir)
+    return bench_sampling(policy_dir, score_fn=score_fn)
+
+
+def _bench_cfn_score_fn(policy_dir: str | None):
+    """A CFN of the default size over the policy's feature dim (weights do not change cost)."""
+    from verifiers.cfn import CFNConfig, cfn_score_fn, init_cfn
+
+    if policy_dir:
+        from algos.sft import load_policy
+
+        policy = load_policy(policy_dir)[0]
+    else:
+        from policies import FlowConfig, make_policy
+
+        policy = make_policy("flow", FlowConfig())
+    state = init_cfn(CFNConfig(), policy.feature_dim, jax.random.PRNGKey(0))
+    return cfn_score_fn(state)

@@ -1,0 +1,138 @@
+"""Per-decision sampling latency: shared prefix cache vs the tiled baseline.
+
+    python -m policies.bench [RUN_DIR | default] [--Ms 1,4,8,16,32,64] [--repeats 20] [--out F]
+
+Per M: ``encode + sample`` (cached: prefix once at batch 1, broadcast to M chains) and
+``sample_naive`` (observation tiled M times, prefix at batch M, as released pi0.5 / TACO code),
+each jitted, timed after compilation with ``block_until_ready``, median over repeats. The two
+paths alternate inside every repeat so that load on a shared machine hits both alike.
+FLOP counts are analytic matmul FLOPs (``FlowPolicy.flop_counts``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from policies.flow import FlowConfig
+from policies.registry import example_obs, make_policy
+
+
+def _default_policy(task: str = "pick_place"):
+    try:
+        import envs
+
+        env = envs.make(task)
+        cfg = FlowConfig().with_spec(env.spec)
+        obs = jax.device_get(env.reset(jax.random.PRNGKey(0))[1])
+    except ImportError:  # sizes of the built-in suite when envs is not importable
+        cfg = FlowConfig(state_dim=56, instruction_len=16, vocab_size=64, num_tasks=4)
+        obs = example_obs(cfg)
+    policy = make_policy("flow", cfg)
+    return policy, policy.init(jax.random.PRNGKey(0), obs), obs
+
+
+def _load(policy_run_dir_or_default):
+    if policy_run_dir_or_default in (None, "default"):
+        return _default_policy()
+    if isinstance(policy_run_dir_or_default, tuple):  # (policy, params[, obs])
+        policy, params, *rest = policy_run_dir_or_default
+        return policy, params, rest[0] if rest else example_obs(policy.cfg)
+    if not os.path.isdir(policy_run_dir_or_default):
+        raise ValueError(f"policy: {policy_run_dir_or_default!r} is neither 'default' nor a run "
+                         "directory")
+    from algos.sft import load_policy  # a trained policy is named by its run directory
+
+    policy, params, cfg = load_policy(policy_run_dir_or_default)
+    try:
+        import envs
+
+        env = envs.make(cfg.tasks[0], cfg.variant, image=policy.cfg.image)
+        obs = jax.device_get(env.reset(jax.random.PRNGKey(0))[1])
+    except ImportError:
+        obs = example_obs(policy.cfg)
+    return policy, params, obs
+
+
+def _median_ms(fns: dict, repeats: int) -> dict:
+    for fn in fns.values():  # compile and warm up
+        jax.block_until_ready(fn())
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(ts) * 1e3) for name, ts in times.items()}
+
+
+def bench_sampling(policy_run_dir_or_default="default", Ms=(1, 4, 8, 16, 32, 64),
+                   repeats: int = 20, score_fn=None, seed: int = 0) -> dict:
+    """Latency per decision (ms) of the cached and naive paths for each M.
+
+    ``policy_run_dir_or_default``: a run directory, ``"default"`` (randomly initialised default
+    flow policy on pick_place sizes) or a ``(policy, params[, obs])`` tuple.
+    ``score_fn(obs, candidates, key) -> [M]``: optional verifier scoring, timed at M = 32 on top
+    of sampling (``score_ms_at_M32``, ``sample_ms_at_M32``).
+    """
+    policy, params, obs = _load(policy_run_dir_or_default)
+    key = jax.random.PRNGKey(seed)
+    has_naive = hasattr(policy, "sample_naive")
+    out = {"policy": policy.name, "Ms": list(Ms), "repeats": repeats,
+           "device": jax.devices()[0].device_kind, "cached_ms": {}, "naive_ms": {},
+           "reduction": {}}
+    for m in Ms:
+        fns = {"cached": jax.jit(lambda p, o, k, m=m: policy.sample(p, policy.encode(p, o), k, m))}
+        if has_naive:
+            fns["naive"] = jax.jit(lambda p, o, k, m=m: policy.sample_naive(p, o, k, m))
+        res = _median_ms({n: (lambda f=f: f(params, obs, key)) for n, f in fns.items()}, repeats)
+        out["cached_ms"][m] = res["cached"]
+        if has_naive:
+            out["naive_ms"][m] = res["naive"]
+            out["reduction"][m] = 1.0 - res["cached"] / res["naive"]
+    if hasattr(policy, "flop_counts"):
+        f = policy.flop_counts()
+        p, s = f["prefix"], f["expert_per_candidate"]
+        out.update(prefix_flops=p, expert_flops_per_candidate=s,
+                   bound_at_M32=1.0 - (p + 32 * s) / (32 * (p + s)))
+    if 32 in out["cached_ms"]:
+        out["flow_ms_at_M32"] = out["cached_ms"][32]
+        if has_naive:
+            out["reduction_at_M32"] = out["reduction"][32]
+    if score_fn is not None:
+        sample = jax.jit(lambda p, o, k: policy.sample(p, policy.encode(p, o), k, 32))
+        cand = sample(params, obs, key)
+        score = jax.jit(score_fn)
+        res = _median_ms({"sample": lambda: sample(params, obs, key),
+                          "score": lambda: score(obs, cand, key)}, repeats)
+        out["sample_ms_at_M32"] = res["sample"]
+        out["score_ms_at_M32"] = res["score"]
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("policy", nargs="?", default="default", help="run directory or 'default'")
+    ap.add_argument("--Ms", default="1,4,8,16,32,64")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    args = ap.parse_args(argv)
+    res = bench_sampling(args.policy, tuple(int(m) for m in args.Ms.split(",")), args.repeats)
+    text = json.dumps(res, indent=2)
+    if args.out:
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.out)
+    print(text)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""A pi0-style flow-matching action-chunk policy with a shared-context KV cache.
+
+Prefix ("VLM"): image patches, instruction tokens and a state token through a bidirectional
+transformer. Action expert: H action tokens (noisy chunk + flow-time embedding) that attend,
+bidirectionally, to each other and to per-expert-layer keys/values projected from the final
+prefix hidden states (pi0 takes them from the matching VLM layer; with fewer expert layers
+than prefix layers we project the final prefix state once per expert layer).
+
+Flow convention (as pi0 / openpi): t = 1 is noise, t = 0 is data,
+    x_t = t * noise + (1 - t) * a,     target velocity u = noise - a,
+t ~ 0.999 * Beta(1.5, 1) + 0.001 (more weight on noisy times) or Uniform(0, 1).
+Sampling: K Euler steps from t = 1 to t = 0 with dt = -1/K.
+
+The prefix is computed once per observation (``encode``, batch 1) and broadcast to the M
+chains in ``sample``; ``sample_naive`` is the tiled baseline (prefix at batch M).
+Features: the final-layer hidden state (after the final norm) of the first action token at
+the last integration step, f32 [M, expert_width].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+
+from policies import layers
+from policies.base import Candidates
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    state_dim: int = 0
+    """state vector size S (0 = take it from the env spec)"""
+    instruction_len: int = 0
+    """instruction length L (0 = from the env spec)"""
+    vocab_size: int = 0
+    """instruction vocabulary size (0 = from the env spec)"""
+    num_tasks: int = 0
+    """number of task ids (0 = from the env spec)"""
+    horizon: int = 8
+    """H, actions per chunk"""
+    action_dim: int = 3
+    """A"""
+    image: bool = True
+    """use the 64x64 render as patch tokens"""
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    """prefix transformer width"""
+    depth: int = 4
+    """prefix transformer layers"""
+    heads: int = 4
+    expert_width: int = 64
+    """action-expert width (= feature dim F)"""
+    expert_depth: int = 1
+    expert_heads: int = 4
+    num_steps: int = 10
+    """K Euler integration steps"""
+    time_dist: Literal["beta", "uniform"] = "beta"
+    """training distribution of the flow time t"""
+    noise: Literal["fresh", "bank"] = "fresh"
+    """fresh noise per call, or a fixed bank (seed noise_seed) reused at every decision (TACO)"""
+    noise_seed: int = 42
+    loss_samples: int = 4
+    """(t, noise) draws per observation in the training loss; they share one prefix pass"""
+
+    def with_spec(self, spec) -> FlowConfig:
+        """Fills the size fields left at 0 from an ``envs.base.EnvSpec``."""
+        return fill_sizes(self, spec)
+
+    def validate(self) -> None:
+        for name in ("state_dim", "instruction_len", "vocab_size", "num_tasks", "horizon",
+                     "action_dim", "width", "depth", "heads", "expert_width", "expert_depth",
+                     "expert_heads", "num_steps", "loss_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"FlowConfig.{name} must be > 0 (got {getattr(self, name)}); "
+                                 "size fields left at 0 are filled by with_spec(env.spec)")
+        if self.width % self.heads or self.expert_width % self.expert_heads:
+            raise ValueError("FlowConfig: width must divide by heads, expert_width by expert_heads")
+        if self.image_size % self.patch_size:
+            raise ValueError("FlowConfig.patch_size must divide image_size")
+        if self.time_dist not in ("beta", "uniform"):
+            raise ValueError("FlowConfig.time_dist must be 'beta' or 'uniform', "
+                             f"got {self.time_dist!r}")
+        if self.noise not in ("fresh", "bank"):
+            raise ValueError(f"FlowConfig.noise must be 'fresh' or 'bank', got {self.noise!r}")
+
+
+def fill_sizes(cfg, spec):
+    """Size fields left at 0 take the env spec's value."""
+    pairs = {"state_dim": spec.state_dim, "instruction_len": spec.instruction_len,
+             "vocab_size": spec.vocab_size, "num_tasks": spec.num_tasks,
+             "action_dim": spec.action_dim}
+    upd = {k: v for k, v in pairs.items() if getattr(cfg, k) == 0}
+    if hasattr(spec, "image") and not spec.image:
+        upd["image"] = False
+    return dataclasses.replace(cfg, **upd)
+
+
+@struct.dataclass
+class FlowContext:
+    k: jax.Array  # [Le, N, h, d], or [Le, M, N, h, d] for the tiled baseline
+    v: jax.Array
+    mask: jax.Array  # bool [N] or [M, N]
+
+
+class FlowNet(nn.Module):
+    cfg: FlowConfig
+
+    def setup(self):
+        c = self.cfg
+        self.embed = layers.PrefixEmbed(c.width, c.vocab_size, c.num_tasks, c.instruction_len,
+                                        c.image, c.image_size, c.patch_size)
+        self.blocks = [layers.Block(c.width, c.heads) for _ in range(c.depth)]
+        self.prefix_norm = nn.LayerNorm()
+        self.kv_proj = [nn.Dense(2 * c.expert_width) for _ in range(c.expert_depth)]
+        self.action_in = nn.Dense(c.expert_width)
+        self.time_in = nn.Dense(c.expert_width)
+        self.time_out = nn.Dense(c.expert_width)
+        self.action_pos = self.param("action_pos", nn.initializers.normal(0.02),
+                                     (c.horizon, c.expert_width))
+        self.expert = [layers.Block(c.expert_width, c.expert_heads) for _ in range(c.expert_depth)]
+        self.expert_norm = nn.LayerNorm()
+        self.action_out = nn.Dense(c.action_dim)
+
+    def encode(self, obs):
+        # obs [B, ...] -> k, v [Le, B, N, h, d], mask [B, N]
+        c = self.cfg
+        x, mask = self.embed(obs)
+        for blk in self.blocks:
+            x, _ = blk(x, mask)
+        x = self.prefix_norm(x)
+        b, n, _ = x.shape
+        d = c.expert_width // c.expert_heads
+        kv = jnp.stack([p(x) for p in self.kv_proj]).reshape(
+            c.expert_depth, b, n, 2, c.expert_heads, d)
+        return kv[:, :, :, 0], kv[:, :, :, 1], mask
+
+    def velocity(self, x_t, t, k, v, mask):
+        # x_t [M, H, A], t [M]; k, v [Le, (M,) N, h, d] -> velocity [M, H, A], feature [M, De]
+        c = self.cfg
+        h = self.action_in(x_t)
+        te = jnp.broadcast_to(layers.sinusoidal(t, c.expert_width)[:, None], h.shape)
+        h = self.time_out(nn.swish(self.time_in(jnp.concatenate([h, te], axis=-1))))
+        h = h + self.action_pos
+        for i, blk in enumerate(self.expert):
+            h, _ = blk(h, None, extra_kv=[(k[i], v[i])], extra_masks=[mask])
+        h = self.expert_norm(h)
+        return self.action_out(h), h[:, 0]
+
+    def __call__(self, obs, x_t, t):
+        # obs [B, ...]; x_t [B * n, H, A], t [B * n]: n draws per observation share its prefix
+        k, v, mask = self.encode(obs)
+        n = x_t.shape[0] // mask.shape[0]
+        k, v, mask = jnp.repeat(k, n, 1), jnp.repeat(v, n, 1), jnp.repeat(mask, n, 0)
+        return self.velocity(x_t, t, k, v, mask)
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_init(net: nn.Module):
+    """One compiled init per network config (modules are frozen, hashable dataclasses)."""
+    return jax.jit(net.init)
+
+
+def flow_path(actions: jax.Array, noise: jax.Array, t: jax.Array):
+    """x_t = t * noise + (1 - t) * a and the target velocity noise - a.
+    actions/noise [B, H, A], t [B]."""
+    tt = t[:, None, None]
+    return tt * noise + (1.0 - tt) * actions, noise - actions
+
+
+def flow_matching_loss(pred: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
+    """Mean squared velocity error over valid chunk steps. pred/target [B, H, A], valid [B, H]."""
+    w = valid.astype(jnp.float32)[..., None]
+    denom = jnp.maximum(w.sum() * pred.shape[-1], 1.0)
+    return jnp.sum(w * (pred - target) ** 2) / denom
+
+
+@dataclass(frozen=True)
+class FlowPolicy:
+    cfg: FlowConfig
+    name: str = "flow"
+    has_log_prob: bool = False
+
+    def __post_init__(self):
+        self.cfg.validate()
+
+    @cached_property
+    def net(self) -> FlowNet:
+        return FlowNet(self.cfg)
+
+    @property
+    def horizon(self) -> int:
+        return self.cfg.horizon
+
+    @property
+    def action_dim(self) -> int:
+        return self.cfg.action_dim
+
+    @property
+    def feature_dim(self) -> int:
+        return self.cfg.expert_width
+
+    def init(self, key: jax.Array, obs: dict):
+        """obs: one unbatched observation."""
+        c = self.cfg
+        ob = layers.batch_obs(obs, c.image)
+        x = jnp.zeros((1, c.horizon, c.action_dim))
+        return _jit_init(self.net)(key, ob, x, jnp.ones((1,)))
+
+    def encode(self, params, obs: dict) -> FlowContext:
+        """The prefix keys/values for one observation (batch 1, stored unbatched)."""
+        k, v, mask = self.net.apply(params, layers.batch_obs(obs, self.cfg.image),
+                                    method=FlowNet.encode)
+        return FlowContext(k[:, 0], v[:, 0], mask[0])
+
+    def make_noise(self, key: jax.Array, M: int) -> jax.Array:
+        """Initial noise [M, H, A]; candidate m's noise depends only on (key, m), so the first M
+        candidates are shared across M. The bank mode ignores ``key``."""
+        c = self.cfg
+        if c.noise == "bank":
+            key = jax.random.PRNGKey(c.noise_seed)
+        return jax.vmap(lambda m: jax.random.normal(jax.random.fold_in(key, m),
+                                                    (c.horizon, c.action_dim)))(jnp.arange(M))
+
+    def _integrate(self, params, ctx: FlowContext, noise: jax.Array):
+        c = self.cfg
+        m = noise.shape[0]
+        dt = -1.0 / c.num_steps
+
+        def step(carry, i):
+            x, _ = carry
+            t = jnp.full((m,), 1.0 - i / c.num_steps)
+            vel, feat = self.net.apply(params, x, t, ctx.k, ctx.v, ctx.mask,
+                                       method=FlowNet.velocity)
+            return (x + dt * vel, feat), None
+
+        init = (noise, jnp.zeros((m, c.expert_width), noise.dtype))
+        (x, feat), _ = jax.lax.scan(step, init, jnp.arange(c.num_steps))
+        return x, feat
+
+    def sample(self, params, context: FlowContext, key: jax.Array, M: int,
+               noise: jax.Array | None = None) -> Candidates:
+        """M chains in one batch against the shared prefix cache. noise: optional [M, H, A]."""
+        if noise is None:
+            noise = self.make_noise(key, M)
+        x, feat = self._integrate(params, context, noise)
+        return Candidates(jnp.clip(x, -1.0, 1.0), feat, None, {"noise": noise})
+
+    def sample_naive(self, params, obs: dict, key: jax.Array, M: int,
+                     noise: jax.Array | None = None) -> Candidates:
+        """Baseline as released TACO/pi0.5 code: tile obs M times, prefix at batch M."""
+        ob = layers.batch_obs(obs, self.cfg.image)
+        ob = jax.tree.map(lambda x: jnp.repeat(x, M, axis=0), ob)
+        k, v, mask = self.net.apply(params, ob, method=FlowNet.encode)
+        if noise is None:
+            noise = self.make_noise(key, M)
+        x, feat = self._integrate(params, FlowContext(k, v, mask), noise)
+        return Candidates(jnp.clip(x, -1.0, 1.0), feat, None, {"noise": noise})
+
+    def one_step_features(self, params, context: FlowContext, clean_chunks: jax.Array,
+                          key: jax.Array) -> jax.Array:
+        """Noise clean chunks [M, H, A] to the last-step level (t = 1/K) and run one denoising
+        step; returns the features [M, F] (TACO's add_and_denoise1step_get_feature)."""
+        k_ = self.cfg.num_steps
+        noise = jax.random.normal(key, clean_chunks.shape)
+        x = noise / k_ + clean_chunks * (k_ - 1) / k_
+        t = jnp.full((clean_chunks.shape[0],), 1.0 / k_)
+        _, feat = self.net.apply(params, x, t, context.k, context.v, context.mask,
+                                 method=FlowNet.velocity)
+        return feat
+
+    def sample_time(self, key: jax.Array, shape) -> jax.Array:
+        if self.cfg.time_dist == "beta":
+            return jax.random.beta(key, 1.5, 1.0, shape) * 0.999 + 0.001
+        return jax.random.uniform(key, shape)
+
+    def loss(self, params, batch: dict, key: jax.Array):
+        """batch: obs [B, ...], actions [B, H, A], valid bool [B, H] -> (loss, info).
+        Each observation gets ``loss_samples`` (t, noise) draws against one prefix pass."""
+        n = self.cfg.loss_samples
+        actions = jnp.repeat(batch["actions"], n, 0)  # [B * n, H, A]
+        k_t, k_n = jax.random.split(key)
+        t = self.sample_time(k_t, actions.shape[:1])
+        noise = jax.random.normal(k_n, actions.shape)
+        x_t, target = flow_path(actions, noise, t)
+        pred, _ = self.net.apply(params, batch["obs"], x_t, t)
+        loss = flow_matching_loss(pred, target, jnp.repeat(batch["valid"], n, 0))
+        return loss, {"loss": loss}
+
+    def flop_counts(self) -> dict[str, int]:
+        """Analytic matmul FLOPs: ``prefix`` P (one observation, incl. the expert K/V
+        projections) and ``expert_per_candidate`` S (K expert passes for one candidate)."""
+        c = self.cfg
+        n = layers.prefix_length(c.image, c.image_size, c.patch_size, c.instruction_len)
+        de, h = c.expert_width, c.horizon
+        p = layers.embed_flops(c.width, c.state_dim, c.image, c.image_size, c.patch_size)
+        p += c.depth * layers.block_flops(n, c.width, n)
+        p += c.expert_depth * 2 * n * c.width * 2 * de
+        per_pass = 2 * h * c.action_dim * de + 2 * h * 2 * de * de + 2 * h * de * de
+        per_pass += c.expert_depth * layers.block_flops(h, de, n + h)
+        per_pass += 2 * h * de * c.action_dim
+        return {"prefix": p, "expert_per_candidate": c.num_steps * per_pass}
+
+    def flops_per_decision(self, M: int, cached: bool = True) -> int:
+        f = self.flop_counts()
+        if cached:
+            return f["prefix"] + M * f["expert_per_candidate"]
+        return M * (f["prefix"] + f["expert_per_candidate"])

@@ -1,0 +1,171 @@
+"""Building blocks shared by the base policies: the observation prefix encoder (the "VLM"),
+multi-head attention against a cached prefix, and analytic FLOP counts.
+
+Every module works on batched inputs (leading B). The prefix is a sequence of N tokens:
+image patches (64 for a 64x64 render with 8x8 patches), instruction tokens (padding masked),
+and one state token that also carries the task embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+NEG_INF = -1e9
+
+
+def prefix_length(image: bool, image_size: int, patch_size: int, instruction_len: int) -> int:
+    """N, the number of prefix tokens."""
+    patches = (image_size // patch_size) ** 2 if image else 0
+    return patches + instruction_len + 1
+
+
+def attention(
+    q: jax.Array, keys: list[jax.Array], values: list[jax.Array], masks: list[jax.Array | None]
+) -> jax.Array:
+    """Softmax attention over several key/value blocks with one joint normalisation.
+
+    q [B, Tq, h, d]; each key/value block is [B, Tk, h, d] or unbatched [Tk, h, d] (a prefix cache
+    shared by all B queries: broadcast, never tiled); masks are bool [B, Tk] / [Tk] (True = attend)
+    or [B, Tq, Tk] for causal blocks, or None. Returns [B, Tq, h, d].
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = []
+    for k, mask in zip(keys, masks, strict=True):
+        if k.ndim == 3:
+            lg = jnp.einsum("bqhd,khd->bhqk", q, k)
+        else:
+            lg = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        lg = lg * scale
+        if mask is not None:
+            if mask.ndim == 1:
+                m = mask[None, None, None, :]
+            elif mask.ndim == 2:
+                m = mask[:, None, None, :]
+            else:
+                m = mask[:, None, :, :]
+            lg = jnp.where(m, lg, NEG_INF)
+        logits.append(lg)
+    sizes = [lg.shape[-1] for lg in logits]
+    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+    out = 0.0
+    start = 0
+    for v, size in zip(values, sizes, strict=True):
+        p = probs[..., start : start + size]
+        start += size
+        if v.ndim == 3:
+            out = out + jnp.einsum("bhqk,khd->bqhd", p, v)
+        else:
+            out = out + jnp.einsum("bhqk,bkhd->bqhd", p, v)
+    return out
+
+
+class Mlp(nn.Module):
+    width: int
+    ratio: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.width * self.ratio)(x)
+        return nn.Dense(self.width)(nn.gelu(x))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; attends to its own tokens plus optional cached blocks."""
+
+    width: int
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, self_mask, extra_kv=(), extra_masks=()):
+        # x [B, T, D]; returns (x, (k, v)) with k, v [B, T, h, d] for caching.
+        b, t, _ = x.shape
+        d = self.width // self.heads
+        y = nn.LayerNorm()(x)
+        qkv = nn.Dense(3 * self.width, name="qkv")(y).reshape(b, t, 3, self.heads, d)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        keys = [kv[0] for kv in extra_kv] + [k]
+        values = [kv[1] for kv in extra_kv] + [v]
+        masks = list(extra_masks) + [self_mask]
+        att = attention(q, keys, values, masks).reshape(b, t, self.width)
+        x = x + nn.Dense(self.width, name="out")(att)
+        x = x + Mlp(self.width)(nn.LayerNorm()(x))
+        return x, (k, v)
+
+
+class PrefixEmbed(nn.Module):
+    """Observation dict [B, ...] -> prefix tokens [B, N, D] and mask [B, N]."""
+
+    width: int
+    vocab_size: int
+    num_tasks: int
+    instruction_len: int
+    image: bool
+    image_size: int
+    patch_size: int
+
+    @nn.compact
+    def __call__(self, obs):
+        tokens, masks = [], []
+        state = obs["state"].astype(jnp.float32)
+        b = state.shape[0]
+        if self.image:
+            img = obs["image"].astype(jnp.float32) / 255.0 - 0.5  # [B, 64, 64, 3]
+            p, g = self.patch_size, self.image_size // self.patch_size
+            patches = img.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+            patches = patches.reshape(b, g * g, p * p * 3)
+            pos = self.param("image_pos", nn.initializers.normal(0.02), (g * g, self.width))
+            tokens.append(nn.Dense(self.width, name="patch")(patches) + pos)
+            masks.append(jnp.ones((b, g * g), bool))
+        ids = obs["instruction"].astype(jnp.int32)  # [B, L], 0 = pad
+        pos = self.param("instr_pos", nn.initializers.normal(0.02),
+                         (self.instruction_len, self.width))
+        tokens.append(nn.Embed(self.vocab_size, self.width, name="word")(ids) + pos)
+        masks.append(ids != 0)
+        task = nn.Embed(self.num_tasks, self.width, name="task")(obs["task_id"].astype(jnp.int32))
+        tokens.append((nn.Dense(self.width, name="state")(state) + task)[:, None])
+        masks.append(jnp.ones((b, 1), bool))
+        return jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1)
+
+
+def sinusoidal(t: jax.Array, dim: int, min_period: float = 4e-3, max_period: float = 4.0):
+    """Sine-cosine embedding of the flow time t in [0, 1] (periods as in pi0). t [B] -> [B, dim]."""
+    frac = jnp.linspace(0.0, 1.0, dim // 2)
+    period = min_period * (max_period / min_period) ** frac
+    x = t[:, None] * (2 * jnp.pi / period)[None]
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x)], axis=-1)
+
+
+def check_obs(obs: dict, image: bool) -> None:
+    """Clear errors for observation dicts that lack a required field."""
+    need = ["state", "instruction", "task_id"] + (["image"] if image else [])
+    for name in need:
+        if name not in obs:
+            raise ValueError(f"obs is missing field {name!r}; required fields: {need}")
+
+
+def batch_obs(obs: dict, image: bool) -> dict:
+    """One unbatched observation -> the batch-1 dict the modules take."""
+    check_obs(obs, image)
+    keys = ["state", "instruction", "task_id"] + (["image"] if image else [])
+    return {k: jnp.asarray(obs[k])[None] for k in keys}
+
+
+# --- analytic matmul FLOPs (2 * m * n * k per product; norms, softmax, gelu not counted) ---
+
+
+def block_flops(tokens: int, width: int, keys: int, mlp_ratio: int = 4) -> int:
+    """One transformer block for ``tokens`` queries attending to ``keys`` keys."""
+    qkv = 2 * tokens * width * 3 * width
+    att = 2 * 2 * tokens * keys * width
+    out = 2 * tokens * width * width
+    mlp = 2 * 2 * tokens * width * mlp_ratio * width
+    return qkv + att + out + mlp
+
+
+def embed_flops(width, state_dim, image, image_size, patch_size) -> int:
+    patches = (image_size // patch_size) ** 2 if image else 0
+    return 2 * patches * patch_size * patch_size * 3 * width + 2 * state_dim * width

@@ -1,0 +1,58 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from algos.common.config import ConfigError, apply_overrides, from_dict, stable_hash, to_dict
+from experiments.io import read_json, write_json
+
+
+@dataclass(frozen=True)
+class Inner:
+    width: int = 64
+    sizes: tuple[int, ...] = (1, 2)
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    name: str = "flow"
+    lr: float = 1e-3
+    limit: int | None = None
+
+
+def test_round_trip_and_overrides():
+    cfg = apply_overrides(Outer, Outer(), ["inner.width=128", "lr=1", "inner.sizes=[4, 8]"])
+    assert cfg == Outer(inner=Inner(width=128, sizes=(4, 8)), lr=1.0)
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+    assert isinstance(cfg.lr, float)
+
+
+def test_unknown_field_names_the_field_and_allowed():
+    with pytest.raises(ConfigError, match=r"inner\.depth.*allowed: \['sizes', 'width'\]"):
+        apply_overrides(Outer, Outer(), ["inner.depth=3"])
+
+
+@pytest.mark.parametrize("override, field_name", [
+    ("inner.width=wide", "inner.width"), ("lr=[1]", "lr"), ("name=3", "name"),
+    ("inner.sizes=5", "inner.sizes"),
+])
+def test_wrong_type_names_the_field(override, field_name):
+    with pytest.raises(ConfigError, match=field_name.replace(".", r"\.")):
+        apply_overrides(Outer, Outer(), [override])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="field.path=value"):
+        apply_overrides(Outer, Outer(), ["lr"])
+
+
+def test_stable_hash_depends_on_values_only():
+    assert stable_hash(Outer()) == stable_hash(to_dict(Outer()))
+    assert stable_hash(Outer()) != stable_hash(Outer(lr=2e-3))
+    assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
+
+
+def test_atomic_json_leaves_no_temp(tmp_path):
+    write_json(tmp_path / "x" / "r.json", {"a": 1})
+    assert read_json(tmp_path / "x" / "r.json") == {"a": 1}
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["r.json"]
