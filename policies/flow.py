@@ -109,6 +109,7 @@ class FlowContext:
     k: jax.Array  # [Le, N, h, d], or [Le, M, N, h, d] for the tiled baseline
     v: jax.Array
     mask: jax.Array  # bool [N] or [M, N]
+    state: jax.Array  # [De] or [M, De], the state embedding fed to the action expert
 
 
 class FlowNet(nn.Module):
@@ -122,6 +123,7 @@ class FlowNet(nn.Module):
         self.prefix_norm = nn.LayerNorm()
         self.kv_proj = [nn.Dense(2 * c.expert_width) for _ in range(c.expert_depth)]
         self.action_in = nn.Dense(c.expert_width)
+        self.state_in = nn.Dense(c.expert_width)
         self.time_in = nn.Dense(c.expert_width)
         self.time_out = nn.Dense(c.expert_width)
         self.action_pos = self.param("action_pos", nn.initializers.normal(0.02),
@@ -131,7 +133,7 @@ class FlowNet(nn.Module):
         self.action_out = nn.Dense(c.action_dim)
 
     def encode(self, obs):
-        # obs [B, ...] -> k, v [Le, B, N, h, d], mask [B, N]
+        # obs [B, ...] -> k, v [Le, B, N, h, d], mask [B, N], state embedding [B, De]
         c = self.cfg
         x, mask = self.embed(obs)
         for blk in self.blocks:
@@ -141,12 +143,16 @@ class FlowNet(nn.Module):
         d = c.expert_width // c.expert_heads
         kv = jnp.stack([p(x) for p in self.kv_proj]).reshape(
             c.expert_depth, b, n, 2, c.expert_heads, d)
-        return kv[:, :, :, 0], kv[:, :, :, 1], mask
+        state = self.state_in(obs["state"].astype(jnp.float32))
+        return kv[:, :, :, 0], kv[:, :, :, 1], mask, state
 
-    def velocity(self, x_t, t, k, v, mask):
-        # x_t [M, H, A], t [M]; k, v [Le, (M,) N, h, d] -> velocity [M, H, A], feature [M, De]
+    def velocity(self, x_t, t, k, v, mask, state):
+        # x_t [M, H, A], t [M]; k, v [Le, (M,) N, h, d]; state [(M,) De]
+        # -> velocity [M, H, A], feature [M, De]
         c = self.cfg
-        h = self.action_in(x_t)
+        # pi0 feeds the proprioceptive state to the action expert as well (direct access for
+        # precise control); the prefix keeps its own state token
+        h = self.action_in(x_t) + (state[:, None] if state.ndim == 2 else state)
         te = jnp.broadcast_to(layers.sinusoidal(t, c.expert_width)[:, None], h.shape)
         h = self.time_out(nn.swish(self.time_in(jnp.concatenate([h, te], axis=-1))))
         h = h + self.action_pos
@@ -157,10 +163,10 @@ class FlowNet(nn.Module):
 
     def __call__(self, obs, x_t, t):
         # obs [B, ...]; x_t [B * n, H, A], t [B * n]: n draws per observation share its prefix
-        k, v, mask = self.encode(obs)
+        k, v, mask, state = self.encode(obs)
         n = x_t.shape[0] // mask.shape[0]
         k, v, mask = jnp.repeat(k, n, 1), jnp.repeat(v, n, 1), jnp.repeat(mask, n, 0)
-        return self.velocity(x_t, t, k, v, mask)
+        return self.velocity(x_t, t, k, v, mask, jnp.repeat(state, n, 0))
 
 
 @functools.lru_cache(maxsize=32)
@@ -217,9 +223,9 @@ class FlowPolicy:
 
     def encode(self, params, obs: dict) -> FlowContext:
         """The prefix keys/values for one observation (batch 1, stored unbatched)."""
-        k, v, mask = self.net.apply(params, layers.batch_obs(obs, self.cfg.image),
-                                    method=FlowNet.encode)
-        return FlowContext(k[:, 0], v[:, 0], mask[0])
+        k, v, mask, state = self.net.apply(params, layers.batch_obs(obs, self.cfg.image),
+                                           method=FlowNet.encode)
+        return FlowContext(k[:, 0], v[:, 0], mask[0], state[0])
 
     def make_noise(self, key: jax.Array, M: int) -> jax.Array:
         """Initial noise [M, H, A]; candidate m's noise depends only on (key, m), so the first M
@@ -238,7 +244,7 @@ class FlowPolicy:
         def step(carry, i):
             x, _ = carry
             t = jnp.full((m,), 1.0 - i / c.num_steps)
-            vel, feat = self.net.apply(params, x, t, ctx.k, ctx.v, ctx.mask,
+            vel, feat = self.net.apply(params, x, t, ctx.k, ctx.v, ctx.mask, ctx.state,
                                        method=FlowNet.velocity)
             return (x + dt * vel, feat), None
 
@@ -259,10 +265,10 @@ class FlowPolicy:
         """Baseline as released TACO/pi0.5 code: tile obs M times, prefix at batch M."""
         ob = layers.batch_obs(obs, self.cfg.image)
         ob = jax.tree.map(lambda x: jnp.repeat(x, M, axis=0), ob)
-        k, v, mask = self.net.apply(params, ob, method=FlowNet.encode)
+        k, v, mask, state = self.net.apply(params, ob, method=FlowNet.encode)
         if noise is None:
             noise = self.make_noise(key, M)
-        x, feat = self._integrate(params, FlowContext(k, v, mask), noise)
+        x, feat = self._integrate(params, FlowContext(k, v, mask, state), noise)
         return Candidates(jnp.clip(x, -1.0, 1.0), feat, None, {"noise": noise})
 
     def one_step_features(self, params, context: FlowContext, clean_chunks: jax.Array,
@@ -274,7 +280,7 @@ class FlowPolicy:
         x = noise / k_ + clean_chunks * (k_ - 1) / k_
         t = jnp.full((clean_chunks.shape[0],), 1.0 / k_)
         _, feat = self.net.apply(params, x, t, context.k, context.v, context.mask,
-                                 method=FlowNet.velocity)
+                                 context.state, method=FlowNet.velocity)
         return feat
 
     def sample_time(self, key: jax.Array, shape) -> jax.Array:
@@ -303,7 +309,7 @@ class FlowPolicy:
         de, h = c.expert_width, c.horizon
         p = layers.embed_flops(c.width, c.state_dim, c.image, c.image_size, c.patch_size)
         p += c.depth * layers.block_flops(n, c.width, n)
-        p += c.expert_depth * 2 * n * c.width * 2 * de
+        p += c.expert_depth * 2 * n * c.width * 2 * de + 2 * c.state_dim * de
         per_pass = 2 * h * c.action_dim * de + 2 * h * 2 * de * de + 2 * h * de * de
         per_pass += c.expert_depth * layers.block_flops(h, de, n + h)
         per_pass += 2 * h * de * c.action_dim

@@ -25,7 +25,7 @@ VERIFIERS: dict[str, Callable[..., Verifier]] = {}
 FITTERS: dict[str, Callable[..., str]] = {}
 
 # Modules that register verifiers when imported; later modules join by being listed here.
-_MODULES = ("verifiers.baselines", "verifiers.cfn", "verifiers.bradley_terry", "verifiers.calql")
+_MODULES = ("verifiers.baselines", "verifiers.cfn")
 _loaded = False
 
 SELECT_MODES = ("argmax", "softmax")
@@ -51,12 +51,7 @@ def _load_builtin() -> None:
     if _loaded:
         return
     for mod in _MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            # Only a module that does not exist (yet) is skipped; a broken import still raises.
-            if e.name != mod:
-                raise
+        importlib.import_module(mod)
     _loaded = True
 
 
