@@ -139,6 +139,19 @@ def _collect(task: str, variant: str, image: bool, keys: np.ndarray, modes: np.n
     return jax.tree.map(lambda *xs: np.concatenate(xs, 0), *parts)  # [E, T, ...]
 
 
+def _recorded(valid: np.ndarray, action: np.ndarray) -> np.ndarray:
+    """The steps a demonstrator records: [E, T] bool.
+
+    Recording stops once the expert stands still for good (a sloppy release, a wrong block
+    put down): those idle frames would otherwise fill the dataset with failing modes' no-op
+    actions and outweigh pi*'s steps at every state. One idle step is kept as the end.
+    """
+    moving = (np.abs(action[..., :2]).max(-1) > 1e-6) & valid
+    T = valid.shape[1]
+    last = np.where(moving.any(1), T - 1 - np.argmax(moving[:, ::-1], axis=1), 0)
+    return valid & (np.arange(T)[None, :] <= last[:, None] + 1)
+
+
 def write_demos(
     task: str,
     episodes: int,
@@ -169,9 +182,9 @@ def write_demos(
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), episodes))
     traj = _collect(task, variant, image, keys, modes)
 
-    valid = traj["valid"]  # [E, T]
+    ep_success = (traj["success"] & traj["valid"]).any(1)
+    valid = _recorded(traj["valid"], traj["action"])  # [E, T]
     lengths = valid.sum(1).astype(np.int32)
-    ep_success = (traj["success"] & valid).any(1)
     T = valid.shape[1]
     flat = lambda x: x[valid]  # keeps episode order, drops steps after done
     steps = {k: flat(traj["obs"][k]) for k in OBS_KEYS if k in traj["obs"]}

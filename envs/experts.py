@@ -2,11 +2,11 @@
 
 Every expert is a state-feedback rule: ``expert_action(env, state, mode, key)`` depends only on
 the state, the step counter inside it and ``key``, which is fixed for an episode. Per-episode
-latents (which gap in the wall to use, the arc direction of a detour) are drawn from ``key``,
+latents (the arc direction of a detour, hesitation coins) are drawn from ``key``,
 so the expert can be queried at any state, e.g. to label a chunk with its nearest mode.
 
 Modes (``MODES[task]``, "optimal" first; the index of a mode is the same in every task):
-    optimal       the successful mode pi*; multimodal where a wall leaves two gaps
+    optimal       the successful mode pi*; takes the shorter gap where a wall is in the way
     hesitant      pauses (jitters in place) on about 65% of steps and moves at half speed:
                   runs out of time
     detour        moves along a wide arc (velocity rotated ~65 degrees off the goal direction),
@@ -66,8 +66,14 @@ def _param_table(task: str) -> np.ndarray:
     return np.array([_MODE_PARAMS[m] for m in MODES[task]], np.float32)  # [n_modes, 5]
 
 
-def _waypoint(pos, goal, wall, wall_active, route):
-    """Where to head for `goal`: the goal itself, or the chosen gap when a wall is in the way."""
+def _waypoint(pos, goal, wall, wall_active):
+    """Where to head for `goal`: the goal itself, or a gap when a wall is in the way.
+
+    The gap is the one with the shorter path from `pos` via the gap to `goal`, a function of
+    the state alone: with a hidden per-episode route choice, a chunk policy re-planning from
+    the same state would switch between the two routes and dither in front of the wall.
+    Layouts still put the wall so that either gap is used depending on where things are.
+    """
     wy = 0.5 * (wall[1] + wall[3])
     opposite = (pos[1] - wy) * (goal[1] - wy) < 0
     dy = goal[1] - pos[1]
@@ -75,8 +81,11 @@ def _waypoint(pos, goal, wall, wall_active, route):
     xi = pos[0] + (wy - pos[1]) * (goal[0] - pos[0]) / dy  # where the straight line meets y=wy
     m = GRIPPER_RADIUS + 0.02
     hits = opposite & (xi > wall[0] - m) & (xi < wall[2] + m) & (wall_active > 0)
-    gap_x = jnp.where(route > 0, wall[2] + _GAP_MARGIN, wall[0] - _GAP_MARGIN)
     side = jnp.sign(goal[1] - wy)
+    gaps = jnp.array([wall[0] - _GAP_MARGIN, wall[2] + _GAP_MARGIN])  # left, right
+    via = jnp.stack([gaps, jnp.full(2, wy)], -1)  # [2, 2]
+    length = jnp.linalg.norm(via - pos, axis=-1) + jnp.linalg.norm(goal - via, axis=-1)
+    gap_x = gaps[jnp.argmin(length)]
     # Aim just past the wall line so the gripper crosses it and the wall test turns false.
     wp = jnp.stack([gap_x, wy + side * 0.07])
     return jnp.where(hits, wp, goal)
@@ -118,9 +127,8 @@ def expert_action(
     params = jnp.asarray(_param_table(task))[mode]
     pause_p, speed, arc, slack, swap = (params[i] for i in range(5))
     key = _raw(key)
-    latent = jax.random.uniform(key, (2,))  # per-episode: gap choice, arc direction
-    route = (latent[0] < 0.5).astype(jnp.float32)
-    arc = arc * jnp.where(latent[1] < 0.5, 1.0, -1.0)
+    latent = jax.random.uniform(key, ())  # per-episode: the arc direction of a detour
+    arc = arc * jnp.where(latent < 0.5, 1.0, -1.0)
 
     s = state
     pos = s.grip_pos
@@ -136,7 +144,7 @@ def expert_action(
     if task == "reach":
         obj = target @ s.obj_pos
         d = jnp.linalg.norm(obj - pos)
-        point = _waypoint(pos, obj, s.wall, s.wall_active, route)
+        point = _waypoint(pos, obj, s.wall, s.wall_active)
         point = jnp.where(d < slack, pos, point)
         grip = jnp.float32(-1.0)
     elif task == "push":
@@ -160,8 +168,8 @@ def expert_action(
         release_tol = jnp.maximum(_RELEASE_TOL, slack)
         at_zone = jnp.linalg.norm(obj - zone) < release_tol
         near_obj = jnp.linalg.norm(obj - pos) < _GRASP_TOL
-        carry_point = _waypoint(pos, zone, s.wall, s.wall_active, route)
-        fetch_point = _waypoint(pos, obj, s.wall, s.wall_active, route)
+        carry_point = _waypoint(pos, zone, s.wall, s.wall_active)
+        fetch_point = _waypoint(pos, obj, s.wall, s.wall_active)
         point = jnp.where(held_cur, carry_point, fetch_point)
         grip = jnp.where(held_cur, jnp.where(at_zone, -1.0, 1.0), jnp.where(near_obj, 1.0, -1.0))
         stop = (held_cur & at_zone) | held_other | ~jnp.any(pending)

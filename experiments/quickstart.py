@@ -52,7 +52,7 @@ def quickstart(out: str, fast: bool = False) -> Path:
 
     t0 = time.perf_counter()
     base = FAST if fast else FULL
-    spec = quickstart_spec(base, Ms=(1, 2, 4) if fast else MS)
+    spec = quickstart_spec(base, Ms=(1, 2) if fast else MS)
     out_dir = Path(out)
     print(f"[quickstart] {len(spec['axes']['verifier.name'])} verifiers × M ∈ "
           f"{spec['axes']['eval.M']} on {base['task']} → {out_dir}")

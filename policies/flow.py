@@ -52,15 +52,15 @@ class FlowConfig:
     """use the 64x64 render as patch tokens"""
     image_size: int = 64
     patch_size: int = 8
-    width: int = 128
+    width: int = 160
     """prefix transformer width"""
     depth: int = 4
     """prefix transformer layers"""
-    heads: int = 4
+    heads: int = 5
     expert_width: int = 64
     """action-expert width (= feature dim F)"""
     expert_depth: int = 1
-    expert_heads: int = 4
+    expert_heads: int = 2
     num_steps: int = 10
     """K Euler integration steps"""
     time_dist: Literal["beta", "uniform"] = "beta"

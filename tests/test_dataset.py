@@ -103,9 +103,12 @@ def test_round_trip(demo_dir):
     for i, sl in enumerate(d.episode_slices):
         assert np.all(d["episode"][sl] == i)
         np.testing.assert_array_equal(d["t"][sl], np.arange(sl.stop - sl.start))
-        # only the last stored step of an episode can be done
+        # only the last stored step of an episode can be done; a successful episode ends done
+        # (a failing one may end earlier: recording stops once the expert stands still)
         assert not d["done"][sl][:-1].any()
-        assert d["done"][sl][-1]
+        assert d["done"][sl][-1] or not d.episodes["success"][i]
+        moves = np.abs(d["action"][sl][:, :2]).max(-1) > 1e-6
+        assert d["done"][sl][-1] or moves[:-1].any()
     assert "pick_place" in summarize(manifest) and "wrong_object" in summarize(manifest)
 
 
@@ -192,3 +195,15 @@ def test_load_validation(demo_dir, tmp_path):
     _corrupt(src, tmp_path / "s", steps_update={"state": np.zeros((n, 55), np.float32)})
     with pytest.raises(ValueError, match="shape"):
         load_demos(str(tmp_path / "s"))
+
+
+def test_recording_stops_when_the_expert_stands_still():
+    from envs.dataset import _recorded
+
+    valid = np.ones((2, 6), bool)
+    action = np.zeros((2, 6, 3), np.float32)
+    action[0, :3, 0] = 0.5  # moves for 3 steps, then idles
+    action[1, :, 1] = -0.2  # moves throughout
+    kept = _recorded(valid, action)
+    np.testing.assert_array_equal(kept[0], [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(kept[1], [1, 1, 1, 1, 1, 1])
