@@ -29,6 +29,7 @@ from flax import struct
 
 from algos.checkpoint import Checkpointer
 from algos.common.config import from_dict, to_dict
+from algos.common.io import write_text
 from policies import ARConfig, FlowConfig, example_obs, make_policy
 
 
@@ -226,20 +227,13 @@ def rollout_success(env, policy, params, key, episodes: int, replan: int) -> dic
     return {"success_rate": succ.mean(), "progress": prog.mean()}
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _truncate_metrics(path: str, step: int) -> None:
     """On resume, drop rows logged after the restored checkpoint (they will be redone)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         rows = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    _atomic_write(path, "".join(rows))
+    write_text(path, "".join(rows))
 
 
 def _has_final(path: str) -> bool:
@@ -288,7 +282,7 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
             raise ValueError(f"{run_dir} holds a run with a different config; "
                              "use a new run directory")
     else:
-        _atomic_write(cfg_path, json.dumps(to_dict(cfg), indent=2))
+        write_text(cfg_path, json.dumps(to_dict(cfg), indent=2))
     if data is None:
         data = load_data(cfg)
     data = jax.tree.map(jnp.asarray, data)

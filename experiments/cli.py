@@ -8,7 +8,7 @@ import sys
 
 
 def _print_json(data: dict, path: str | None) -> None:
-    from experiments.io import write_json
+    from algos.common.io import write_json
 
     print(json.dumps(data, indent=2))
     if path:

@@ -41,7 +41,7 @@ from typing import Any
 import pandas as pd
 
 from algos.common.config import ConfigError, from_dict, load_yaml, set_path, stable_hash, to_dict
-from experiments.io import read_json, write_json, write_text
+from algos.common.io import read_json, write_json, write_text
 from experiments.stage_cache import Stage, ensure_stage, flock
 
 SPEC_KEYS = ("name", "base", "axes", "zip", "exclude", "config", "pipeline")

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from algos.common.config import to_dict
+from algos.common.io import write_json, write_text
 from experiments.config import RunConfig, load_run_config
 from experiments.harness import (
     Setup,
@@ -18,7 +19,6 @@ from experiments.harness import (
     summarize,
     time_phases,
 )
-from experiments.io import write_json, write_text
 from experiments.scaling import scaling_study
 
 RESULT_SCHEMA = "steerlab.result/1"

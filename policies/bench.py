@@ -121,16 +121,9 @@ def main(argv=None) -> dict:
     ap.add_argument("policy", nargs="?", default="default", help="run directory or 'default'")
     ap.add_argument("--Ms", default="1,4,8,16,32,64")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     res = bench_sampling(args.policy, tuple(int(m) for m in args.Ms.split(",")), args.repeats)
-    text = json.dumps(res, indent=2)
-    if args.out:
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
-    print(text)
+    print(json.dumps(res, indent=2))
     return res
 
 

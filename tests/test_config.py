@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from algos.common.config import ConfigError, apply_overrides, from_dict, stable_hash, to_dict
-from experiments.io import read_json, write_json
+from algos.common.io import read_json, write_json
 
 
 @dataclass(frozen=True)

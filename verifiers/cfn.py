@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -30,6 +29,7 @@ import optax
 from flax import struct
 
 from algos.common.config import apply_overrides, from_dict, to_dict
+from algos.common.io import write_text
 from policies.base import Candidates
 from verifiers.features import CollectConfig, collect_features
 from verifiers.registry import register
@@ -326,15 +326,6 @@ def train_cfn(
 # checkpoints
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _arrays(state: CFNState) -> dict:
     return {"params": state.params, "prior_params": state.prior_params,
             "prior_mean": state.prior_mean, "prior_var": state.prior_var,
@@ -350,10 +341,10 @@ def save_cfn(state: CFNState, out_dir: str, extra: dict | None = None) -> str:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, "ckpt"), _arrays(state), force=True)
         ckptr.wait_until_finished()
-    _atomic_write_text(os.path.join(out_dir, "config.json"),
+    write_text(os.path.join(out_dir, "config.json"),
                        json.dumps(to_dict(state.config), indent=2))
     if extra is not None:
-        _atomic_write_text(os.path.join(out_dir, "fit_info.json"), json.dumps(extra, indent=2))
+        write_text(os.path.join(out_dir, "fit_info.json"), json.dumps(extra, indent=2))
     return out_dir
 
 
