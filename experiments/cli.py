@@ -17,10 +17,10 @@ def _print_json(data: dict, path: str | None) -> None:
 
 
 def cmd_demos(args) -> None:
-    from envs.dataset import parse_mix, summarize, write_demos
+    from envs.dataset import summarize, write_demos
 
-    mix = parse_mix(args.mix, args.task) if args.mix else None
-    manifest = write_demos(args.task, args.episodes, mix, args.seed, args.out, variant=args.variant)
+    manifest = write_demos(args.task, args.episodes, args.mix or None, args.seed, args.out,
+                           variant=args.variant)
     print(summarize(manifest))
 
 
@@ -162,7 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # field=value overrides may come before or after the options (argparse stops a trailing
+    # positional list at the first option), so collect the leftovers that look like overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError) as e:

@@ -160,8 +160,12 @@ def train_policy_cli(config_path: str | None, overrides: list[str], out: str) ->
 def fit_verifier_cli(name: str, policy_dir: str, demos: str | None, out: str,
                      overrides: list[str]) -> None:
     from algos.sft import load_config
+    from verifiers.registry import FITTERS, known_verifiers
     from verifiers.registry import fit_verifier_cli as fit
 
+    if name not in known_verifiers() or name not in FITTERS:
+        raise ValueError(f"fit-verifier: unknown or untrainable name {name!r}; "
+                         f"trainable: {sorted(FITTERS)}")
     dataset = demos or load_config(policy_dir).datasets[0]
     print(fit(name, policy_dir, dataset, out, overrides))
 
