@@ -43,6 +43,9 @@ class EnvSpec:
     num_tasks: int
     max_steps: int
     image: bool
+    state_groups: tuple[tuple[str, int, int], ...] = ()
+    """how ``state`` splits into entities: (name, count, size) in order, sizes summing to
+    state_dim; policies may embed one token per entity so attention can bind words to them"""
 
 
 class FunctionalEnv(Protocol):

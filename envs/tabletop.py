@@ -62,6 +62,14 @@ _SHAPE_SCALE = 0.8  # distance that maps to zero in distance-shaped progress ter
 # obs["state"]: gripper xy, closed, holding | per object: xy, active, held, colour one-hot |
 # per zone: xy, active, colour one-hot (zeros = neutral) | wall x0 y0 x1 y1, active | t/T
 STATE_DIM = 4 + NUM_OBJECTS * (4 + NUM_COLOURS) + NUM_ZONES * (3 + NUM_COLOURS) + 5 + 1
+# The entities of the state vector, in order (see state_vector): (name, count, size).
+STATE_GROUPS = (
+    ("gripper", 1, 4),
+    ("object", NUM_OBJECTS, 4 + NUM_COLOURS),
+    ("zone", NUM_ZONES, 3 + NUM_COLOURS),
+    ("scene", 1, 6),
+)
+assert sum(n * d for _, n, d in STATE_GROUPS) == STATE_DIM
 
 
 @struct.dataclass
@@ -208,6 +216,7 @@ class TabletopEnv:
             num_tasks=len(TASKS),
             max_steps=self.max_steps,
             image=self.image,
+            state_groups=STATE_GROUPS,
         )
 
     @property

@@ -48,6 +48,9 @@ class ARConfig:
     instruction_len: int = 0
     vocab_size: int = 0
     num_tasks: int = 0
+    state_groups: tuple[tuple[str, int, int], ...] = ()
+    """entities of the state vector (name, count, size), one prefix token each; () = one state
+    token (filled from the env spec)"""
     horizon: int = 8
     """H, actions per chunk"""
     action_dim: int = 3
@@ -75,6 +78,7 @@ class ARConfig:
             raise ValueError("ARConfig: width must divide by heads")
         if self.temperature <= 0:
             raise ValueError(f"ARConfig.temperature must be > 0, got {self.temperature}")
+        layers.check_state_groups(self.state_groups, self.state_dim, "ARConfig")
 
     @property
     def num_tokens(self) -> int:
@@ -94,7 +98,7 @@ class ARNet(nn.Module):
     def setup(self):
         c = self.cfg
         self.embed = layers.PrefixEmbed(c.width, c.vocab_size, c.num_tasks, c.instruction_len,
-                                        c.image, c.image_size, c.patch_size)
+                                        c.image, c.image_size, c.patch_size, c.state_groups)
         self.blocks = [layers.Block(c.width, c.heads) for _ in range(c.depth)]
         self.tok_embed = nn.Embed(c.bins + 1, c.width)  # id ``bins`` = begin-of-action
         # positions 0..T: T inputs (BOS + T-1 tokens) plus the extra feature step

@@ -44,6 +44,9 @@ class FlowConfig:
     """instruction vocabulary size (0 = from the env spec)"""
     num_tasks: int = 0
     """number of task ids (0 = from the env spec)"""
+    state_groups: tuple[tuple[str, int, int], ...] = ()
+    """entities of the state vector (name, count, size), one prefix token each; () = one state
+    token (filled from the env spec)"""
     horizon: int = 8
     """H, actions per chunk"""
     action_dim: int = 3
@@ -91,6 +94,7 @@ class FlowConfig:
                              f"got {self.time_dist!r}")
         if self.noise not in ("fresh", "bank"):
             raise ValueError(f"FlowConfig.noise must be 'fresh' or 'bank', got {self.noise!r}")
+        layers.check_state_groups(self.state_groups, self.state_dim, "FlowConfig")
 
 
 def fill_sizes(cfg, spec):
@@ -101,6 +105,8 @@ def fill_sizes(cfg, spec):
     upd = {k: v for k, v in pairs.items() if getattr(cfg, k) == 0}
     if hasattr(spec, "image") and not spec.image:
         upd["image"] = False
+    if not cfg.state_groups and getattr(spec, "state_groups", ()):
+        upd["state_groups"] = tuple(tuple(g) for g in spec.state_groups)
     return dataclasses.replace(cfg, **upd)
 
 
@@ -118,7 +124,7 @@ class FlowNet(nn.Module):
     def setup(self):
         c = self.cfg
         self.embed = layers.PrefixEmbed(c.width, c.vocab_size, c.num_tasks, c.instruction_len,
-                                        c.image, c.image_size, c.patch_size)
+                                        c.image, c.image_size, c.patch_size, c.state_groups)
         self.blocks = [layers.Block(c.width, c.heads) for _ in range(c.depth)]
         self.prefix_norm = nn.LayerNorm()
         self.kv_proj = [nn.Dense(2 * c.expert_width) for _ in range(c.expert_depth)]
@@ -305,7 +311,8 @@ class FlowPolicy:
         """Analytic matmul FLOPs: ``prefix`` P (one observation, incl. the expert K/V
         projections) and ``expert_per_candidate`` S (K expert passes for one candidate)."""
         c = self.cfg
-        n = layers.prefix_length(c.image, c.image_size, c.patch_size, c.instruction_len)
+        n = layers.prefix_length(c.image, c.image_size, c.patch_size, c.instruction_len,
+                                 c.state_groups)
         de, h = c.expert_width, c.horizon
         p = layers.embed_flops(c.width, c.state_dim, c.image, c.image_size, c.patch_size)
         p += c.depth * layers.block_flops(n, c.width, n)

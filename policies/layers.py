@@ -17,10 +17,22 @@ from flax import linen as nn
 NEG_INF = -1e9
 
 
-def prefix_length(image: bool, image_size: int, patch_size: int, instruction_len: int) -> int:
+def prefix_length(image: bool, image_size: int, patch_size: int, instruction_len: int,
+                  state_groups: tuple = ()) -> int:
     """N, the number of prefix tokens."""
     patches = (image_size // patch_size) ** 2 if image else 0
-    return patches + instruction_len + 1
+    return patches + instruction_len + state_token_count(state_groups)
+
+
+def state_token_count(state_groups: tuple) -> int:
+    return sum(n for _, n, _ in state_groups) if state_groups else 1
+
+
+def check_state_groups(state_groups: tuple, state_dim: int, owner: str) -> None:
+    total = sum(n * d for _, n, d in state_groups)
+    if state_groups and total != state_dim:
+        raise ValueError(f"{owner}.state_groups cover {total} state entries, state_dim is "
+                         f"{state_dim}")
 
 
 def attention(
@@ -106,6 +118,7 @@ class PrefixEmbed(nn.Module):
     image: bool
     image_size: int
     patch_size: int
+    state_groups: tuple = ()
 
     @nn.compact
     def __call__(self, obs):
@@ -126,8 +139,22 @@ class PrefixEmbed(nn.Module):
         tokens.append(nn.Embed(self.vocab_size, self.width, name="word")(ids) + pos)
         masks.append(ids != 0)
         task = nn.Embed(self.num_tasks, self.width, name="task")(obs["task_id"].astype(jnp.int32))
-        tokens.append((nn.Dense(self.width, name="state")(state) + task)[:, None])
-        masks.append(jnp.ones((b, 1), bool))
+        if self.state_groups:
+            # One token per entity (gripper, each object, each zone, ...), with a projection per
+            # entity type and an embedding per slot: a colour word in the instruction can then
+            # attend to the object token carrying that colour.
+            start = 0
+            for name, count, size in self.state_groups:
+                part = state[:, start:start + count * size].reshape(b, count, size)
+                slot = self.param(f"{name}_slot", nn.initializers.normal(0.02),
+                                  (count, self.width))
+                tokens.append(nn.Dense(self.width, name=f"state_{name}")(part) + slot
+                              + task[:, None])
+                masks.append(jnp.ones((b, count), bool))
+                start += count * size
+        else:
+            tokens.append((nn.Dense(self.width, name="state")(state) + task)[:, None])
+            masks.append(jnp.ones((b, 1), bool))
         return jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1)
 
 
