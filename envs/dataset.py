@@ -28,19 +28,12 @@ from envs.experts import ALL_MODES, MODES, rollout
 from envs.tabletop import TASKS, VARIANTS, make
 
 SCHEMA_VERSION = 1
-# pi* is the largest component everywhere; every failure mode has some weight.
-DEFAULT_MIX: dict[str, dict[str, float]] = {
-    "reach": {"optimal": 0.6, "hesitant": 0.1, "detour": 0.1, "sloppy": 0.1, "wrong_object": 0.1},
-    "push": {"optimal": 0.6, "hesitant": 0.15, "detour": 0.15, "sloppy": 0.1},
-    "pick_place": {
-        "optimal": 0.6,
-        "hesitant": 0.1,
-        "detour": 0.1,
-        "sloppy": 0.1,
-        "wrong_object": 0.1,
-    },
-    "sort": {"optimal": 0.6, "hesitant": 0.1, "detour": 0.1, "sloppy": 0.1, "wrong_object": 0.1},
-}
+# The mixture of the example, the same for every task: pi* the largest component, and
+# failure modes that look plausible. wrong_object (a language-grounding failure) is left to
+# --mix: in the default it would dominate what a small policy gets wrong.
+_MIX = {"optimal": 0.6, "hesitant": 0.15, "detour": 0.15, "sloppy": 0.1}
+DEFAULT_MIX: dict[str, dict[str, float]] = {task: dict(_MIX) for task in
+                                            ("reach", "push", "pick_place", "sort")}
 STEP_KEYS = (
     "state",
     "instruction",

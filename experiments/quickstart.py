@@ -18,7 +18,8 @@ VERIFIERS = ("random", "consensus", "cfn", "oracle_action", "oracle_sim")
 
 FULL = {
     "task": "pick_place",
-    "eval": {"episodes": 100},
+    "eval": {"episodes": 64, "timing_decisions": 10},
+    "verifier": {"cfn": {"epochs": 100, "collect": {"max_states": 3000}}},
 }
 # A smoke-sized run (used by the tests): every stage runs, nothing is meaningful.
 FAST = {
