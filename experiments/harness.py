@@ -178,9 +178,11 @@ def _ms(samples: list[float]) -> dict[str, float]:
 def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]:
     """Per-decision latency split by phase on one environment (batch 1), after compilation.
 
-    Each phase is its own jitted call followed by ``block_until_ready``; the first decision
-    (compilation) is discarded. Episodes restart when they end.
+    Each phase is its own jitted call followed by ``block_until_ready``; the first two
+    decisions are discarded (they compile for the reset's and then the step's observation,
+    whose weak types differ). Episodes restart when they end.
     """
+    warmup = 2
     from verifiers.registry import select
 
     env, policy, verifier, cfg = setup.env, setup.policy, setup.verifier, setup.cfg
@@ -201,7 +203,7 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]
     key, k_reset, k_expert = jax.random.split(key, 3)
     state, obs = reset(k_reset)
     phases: dict[str, list[float]] = {"encode": [], "sample": [], "score": [], "env": []}
-    for i in range(decisions + 1):
+    for i in range(decisions + warmup):
         key, k_sample, k_score = jax.random.split(key, 3)
         context, t_enc = timed(encode, pparams, obs)
         cands, t_sample = timed(sample, pparams, context, k_sample)
@@ -209,7 +211,7 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]
         index = jax.block_until_ready(score(vstate, vobs(obs, state, k_expert), cands, k_score))
         t_score = time.perf_counter() - t0
         ((state, obs), (_, dones, _, _)), t_env = timed(act, state, obs, cands.actions[index])
-        if i > 0:
+        if i >= warmup:
             for name, t in zip(phases, (t_enc, t_sample, t_score, t_env)):
                 phases[name].append(t)
         if bool(dones[-1]):
