@@ -26,8 +26,7 @@ from flax import linen as nn
 from flax import struct
 
 from policies import layers
-from policies.base import Candidates
-from policies.flow import _jit_init, fill_sizes
+from policies.base import Candidates, ConfiguredPolicy
 
 
 def tokenize_actions(actions: jax.Array, bins: int = 256) -> jax.Array:
@@ -66,7 +65,7 @@ class ARConfig:
     """sampling temperature"""
 
     def with_spec(self, spec) -> ARConfig:
-        return fill_sizes(self, spec)
+        return layers.fill_sizes(self, spec)
 
     def validate(self) -> None:
         for name in ("state_dim", "instruction_len", "vocab_size", "num_tasks", "horizon",
@@ -148,25 +147,14 @@ class ARNet(nn.Module):
 
 
 @dataclass(frozen=True)
-class ARPolicy:
+class ARPolicy(ConfiguredPolicy):
     cfg: ARConfig
     name: str = "autoregressive"
     has_log_prob: bool = True
 
-    def __post_init__(self):
-        self.cfg.validate()
-
     @cached_property
     def net(self) -> ARNet:
         return ARNet(self.cfg)
-
-    @property
-    def horizon(self) -> int:
-        return self.cfg.horizon
-
-    @property
-    def action_dim(self) -> int:
-        return self.cfg.action_dim
 
     @property
     def feature_dim(self) -> int:
@@ -175,7 +163,7 @@ class ARPolicy:
     def init(self, key: jax.Array, obs: dict):
         ob = layers.batch_obs(obs, self.cfg.image)
         tokens = jnp.zeros((1, self.cfg.num_tokens + 1), jnp.int32)
-        return _jit_init(self.net)(key, ob, tokens)
+        return layers.jit_init(self.net)(key, ob, tokens)
 
     def encode(self, params, obs: dict) -> ARContext:
         k, v, mask = self.net.apply(params, layers.batch_obs(obs, self.cfg.image),

@@ -36,3 +36,21 @@ class BasePolicy(Protocol):
     def encode(self, params: Any, obs: dict) -> Context: ...
 
     def sample(self, params: Any, context: Context, key: jax.Array, M: int) -> Candidates: ...
+
+
+class ConfiguredPolicy:
+    """What every built-in policy derives from its frozen ``cfg``: validation at construction,
+    the chunk length H and the action dim A."""
+
+    cfg: Any
+
+    def __post_init__(self):
+        self.cfg.validate()
+
+    @property
+    def horizon(self) -> int:
+        return self.cfg.horizon
+
+    @property
+    def action_dim(self) -> int:
+        return self.cfg.action_dim

@@ -19,8 +19,6 @@ the last integration step, f32 [M, expert_width].
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -31,7 +29,7 @@ from flax import linen as nn
 from flax import struct
 
 from policies import layers
-from policies.base import Candidates
+from policies.base import Candidates, ConfiguredPolicy
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ class FlowConfig:
 
     def with_spec(self, spec) -> FlowConfig:
         """Fills the size fields left at 0 from an ``envs.base.EnvSpec``."""
-        return fill_sizes(self, spec)
+        return layers.fill_sizes(self, spec)
 
     def validate(self) -> None:
         for name in ("state_dim", "instruction_len", "vocab_size", "num_tasks", "horizon",
@@ -95,19 +93,6 @@ class FlowConfig:
         if self.noise not in ("fresh", "bank"):
             raise ValueError(f"FlowConfig.noise must be 'fresh' or 'bank', got {self.noise!r}")
         layers.check_state_groups(self.state_groups, self.state_dim, "FlowConfig")
-
-
-def fill_sizes(cfg, spec):
-    """Size fields left at 0 take the env spec's value."""
-    pairs = {"state_dim": spec.state_dim, "instruction_len": spec.instruction_len,
-             "vocab_size": spec.vocab_size, "num_tasks": spec.num_tasks,
-             "action_dim": spec.action_dim}
-    upd = {k: v for k, v in pairs.items() if getattr(cfg, k) == 0}
-    if hasattr(spec, "image") and not spec.image:
-        upd["image"] = False
-    if not cfg.state_groups and getattr(spec, "state_groups", ()):
-        upd["state_groups"] = tuple(tuple(g) for g in spec.state_groups)
-    return dataclasses.replace(cfg, **upd)
 
 
 @struct.dataclass
@@ -175,12 +160,6 @@ class FlowNet(nn.Module):
         return self.velocity(x_t, t, k, v, mask, jnp.repeat(state, n, 0))
 
 
-@functools.lru_cache(maxsize=32)
-def _jit_init(net: nn.Module):
-    """One compiled init per network config (modules are frozen, hashable dataclasses)."""
-    return jax.jit(net.init)
-
-
 def flow_path(actions: jax.Array, noise: jax.Array, t: jax.Array):
     """x_t = t * noise + (1 - t) * a and the target velocity noise - a.
     actions/noise [B, H, A], t [B]."""
@@ -196,25 +175,14 @@ def flow_matching_loss(pred: jax.Array, target: jax.Array, valid: jax.Array) -> 
 
 
 @dataclass(frozen=True)
-class FlowPolicy:
+class FlowPolicy(ConfiguredPolicy):
     cfg: FlowConfig
     name: str = "flow"
     has_log_prob: bool = False
 
-    def __post_init__(self):
-        self.cfg.validate()
-
     @cached_property
     def net(self) -> FlowNet:
         return FlowNet(self.cfg)
-
-    @property
-    def horizon(self) -> int:
-        return self.cfg.horizon
-
-    @property
-    def action_dim(self) -> int:
-        return self.cfg.action_dim
 
     @property
     def feature_dim(self) -> int:
@@ -225,7 +193,7 @@ class FlowPolicy:
         c = self.cfg
         ob = layers.batch_obs(obs, c.image)
         x = jnp.zeros((1, c.horizon, c.action_dim))
-        return _jit_init(self.net)(key, ob, x, jnp.ones((1,)))
+        return layers.jit_init(self.net)(key, ob, x, jnp.ones((1,)))
 
     def encode(self, params, obs: dict) -> FlowContext:
         """The prefix keys/values for one observation (batch 1, stored unbatched)."""

@@ -8,6 +8,8 @@ and one state token that also carries the task embedding.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -196,3 +198,22 @@ def block_flops(tokens: int, width: int, keys: int, mlp_ratio: int = 4) -> int:
 def embed_flops(width, state_dim, image, image_size, patch_size) -> int:
     patches = (image_size // patch_size) ** 2 if image else 0
     return 2 * patches * patch_size * patch_size * 3 * width + 2 * state_dim * width
+
+
+def fill_sizes(cfg, spec):
+    """Size fields left at 0 take the env spec's value."""
+    pairs = {"state_dim": spec.state_dim, "instruction_len": spec.instruction_len,
+             "vocab_size": spec.vocab_size, "num_tasks": spec.num_tasks,
+             "action_dim": spec.action_dim}
+    upd = {k: v for k, v in pairs.items() if getattr(cfg, k) == 0}
+    if hasattr(spec, "image") and not spec.image:
+        upd["image"] = False
+    if not cfg.state_groups and getattr(spec, "state_groups", ()):
+        upd["state_groups"] = tuple(tuple(g) for g in spec.state_groups)
+    return dataclasses.replace(cfg, **upd)
+
+
+@functools.lru_cache(maxsize=32)
+def jit_init(net: nn.Module):
+    """One compiled init per network config (modules are frozen, hashable dataclasses)."""
+    return jax.jit(net.init)
