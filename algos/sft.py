@@ -47,7 +47,7 @@ class TrainConfig:
     """one demonstration path per task"""
     variant: str = "nominal"
     """env variant used for evaluation"""
-    steps: int = 2000
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100
@@ -102,7 +102,7 @@ def default_dataset_path(task: str) -> str:
 
 def default_train_config(task: str, policy: str = "flow") -> TrainConfig:
     """Defaults sized to train on 2 CPU cores in about ten minutes."""
-    steps = {"reach": 1000, "push": 1500, "pick_place": 1500, "sort": 2000}.get(task, 1500)
+    steps = {"reach": 1500, "push": 3000, "pick_place": 3000, "sort": 4000}.get(task, 3000)
     return TrainConfig(policy=policy, tasks=(task,), datasets=(default_dataset_path(task),),
                        steps=steps)
 

@@ -42,7 +42,7 @@ class TabletopGymEnv(gymnasium.Env):
         self.env = make(task, variant, image=image, max_steps=max_steps, reward=reward)
         self.render_mode = render_mode
         obs_spaces = {
-            "state": spaces.Box(0.0, 1.0, (STATE_DIM,), np.float32),
+            "state": spaces.Box(-1.0, 1.0, (STATE_DIM,), np.float32),
             "instruction": spaces.Box(0, len(VOCAB) - 1, (INSTRUCTION_LEN,), np.int32),
             "task_id": spaces.Box(0, len(TASKS) - 1, (), np.int32),
         }

@@ -59,14 +59,19 @@ SLIP_STD = 0.006
 SLIP_PROB = 0.01
 _SHAPE_SCALE = 0.8  # distance that maps to zero in distance-shaped progress terms
 
-# obs["state"]: gripper xy, closed, holding | per object: xy, active, held, colour one-hot |
-# per zone: xy, active, colour one-hot (zeros = neutral) | wall x0 y0 x1 y1, active | t/T
-STATE_DIM = 4 + NUM_OBJECTS * (4 + NUM_COLOURS) + NUM_ZONES * (3 + NUM_COLOURS) + 5 + 1
+# obs["state"]: gripper xy, closed, holding | per object: xy, xy - gripper xy, active, held,
+# colour one-hot | per zone: xy, xy - gripper xy, active, colour one-hot (zeros = neutral) |
+# wall x0 y0 x1 y1, active | t/T. The gripper-relative offsets are what a robot's state
+# observation usually carries too (ManiSkill's tcp_to_obj_pos): grasping needs the gap to the
+# block to within a few hundredths, which a small network reads poorly off two absolute positions.
+OBJECT_FEATURES = 6 + NUM_COLOURS
+ZONE_FEATURES = 5 + NUM_COLOURS
+STATE_DIM = 4 + NUM_OBJECTS * OBJECT_FEATURES + NUM_ZONES * ZONE_FEATURES + 5 + 1
 # The entities of the state vector, in order (see state_vector): (name, count, size).
 STATE_GROUPS = (
     ("gripper", 1, 4),
-    ("object", NUM_OBJECTS, 4 + NUM_COLOURS),
-    ("zone", NUM_ZONES, 3 + NUM_COLOURS),
+    ("object", NUM_OBJECTS, OBJECT_FEATURES),
+    ("zone", NUM_ZONES, ZONE_FEATURES),
     ("scene", 1, 6),
 )
 assert sum(n * d for _, n, d in STATE_GROUPS) == STATE_DIM
@@ -401,10 +406,14 @@ class TabletopEnv:
 
     def state_vector(self, s: TabletopState) -> jax.Array:
         """f32 [STATE_DIM]; inactive slots are zeros."""
+        obj_rel = (s.obj_pos - s.grip_pos) * s.obj_active[:, None]
+        zone_rel = (s.zone_pos - s.grip_pos) * s.zone_active[:, None]
         obj = jnp.concatenate(
-            [s.obj_pos, s.obj_active[:, None], s.held[:, None], s.obj_colour], -1
-        )  # [K, 4 + C]
-        zone = jnp.concatenate([s.zone_pos, s.zone_active[:, None], s.zone_colour], -1)
+            [s.obj_pos, obj_rel, s.obj_active[:, None], s.held[:, None], s.obj_colour], -1
+        )  # [K, OBJECT_FEATURES]
+        zone = jnp.concatenate(
+            [s.zone_pos, zone_rel, s.zone_active[:, None], s.zone_colour], -1
+        )  # [Z, ZONE_FEATURES]
         t_frac = (s.t.astype(jnp.float32) / self.max_steps)[None]
         return jnp.concatenate(
             [

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demos", help="write a scripted-expert demonstration dataset")
     s.add_argument("--task", default="pick_place")
     s.add_argument("--variant", default="nominal")
-    s.add_argument("--episodes", type=int, default=200)
+    s.add_argument("--episodes", type=int, default=1000)
     s.add_argument("--mix", default="", help="e.g. optimal=0.6,hesitant=0.15,detour=0.15,"
                    "sloppy=0.1 (default: the task's mixture)")
     s.add_argument("--seed", type=int, default=0)

@@ -17,8 +17,10 @@ from verifiers.cfn import CFNConfig
 
 @dataclass(frozen=True)
 class DemosConfig:
-    episodes: int = 200
-    """scripted-expert episodes in the training dataset"""
+    episodes: int = 1000
+    """scripted-expert episodes in the training dataset (1000 rather than 200 roughly doubles the
+    pick_place policy's M=1 success at the same number of SFT steps: more layouts and colour
+    pairings to ground the instruction in)"""
     mix: str = ""
     """mode mixture like optimal=0.6,hesitant=0.15,... ('' = the task's default mixture)"""
     seed: int = 0

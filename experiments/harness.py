@@ -41,7 +41,8 @@ class EvalConfig:
     annotate_oracle: bool = True
     """also score every candidate with the simulator oracle to record the chosen-vs-best gap"""
     classify_modes: bool = True
-    """classify each executed chunk by its nearest scripted-expert mode"""
+    """classify each executed chunk by its nearest scripted-expert mode, and (M > 2) record the
+    Spearman rho between the verifier's scores and the candidates' L2 distance to the pi* chunk"""
     timing_decisions: int = 20
     """decisions timed phase by phase on one environment (0 skips the timing pass)"""
 
@@ -135,6 +136,17 @@ def execute_chunk(env, state, obs, actions):
     return jax.lax.scan(one, (state, obs), actions)
 
 
+def rank_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Spearman's rho of two [M] vectors (ordinal ranks), jittable; 0 when either is constant."""
+
+    def ranks(v):
+        r = jnp.argsort(jnp.argsort(v)).astype(jnp.float32)
+        return jnp.where(jnp.ptp(v) > 0, r - r.mean(), 0.0)
+
+    rx, ry = ranks(x), ranks(y)
+    return jnp.sum(rx * ry) / jnp.maximum(jnp.sqrt(jnp.sum(rx**2) * jnp.sum(ry**2)), 1e-12)
+
+
 def run_episode(setup: Setup, pparams, vstate, key):
     """One full episode under ``lax.scan`` over decisions; returns per-episode records."""
     env, h = setup.env, setup.cfg.replan
@@ -150,6 +162,12 @@ def run_episode(setup: Setup, pparams, vstate, key):
             rec["oracle_gap"] = jnp.max(oracle) - oracle[index]
         if setup.expert is not None and setup.cfg.classify_modes:
             rec["mode"] = setup.expert.classify_chunk(env, state, chunk, k_expert)
+            if setup.cfg.M > 2:
+                # Does the verifier rank candidates by closeness to the pi* chunk? (TACO's
+                # count-vs-distance check; < 0 when higher scores go with closer chunks)
+                best = setup.expert.expert_chunk(env, state, 0, k_expert, chunk.shape[0])
+                dist = jnp.sqrt(jnp.sum((cands.actions - best[None]) ** 2, axis=(1, 2)))
+                rec["score_distance_rho"] = rank_correlation(scores, dist)
         (state, obs), (_, dones, success, progress) = execute_chunk(env, state, obs, chunk[:h])
         return (state, obs, done | dones[-1], success[-1], progress[-1]), rec
 
@@ -282,4 +300,6 @@ def summarize(records: dict[str, np.ndarray], mode_names: tuple[str, ...] = ()) 
         counts = np.bincount(modes, minlength=len(mode_names)) / max(len(modes), 1)
         metrics["mode_fraction"] = {m: float(c) for m, c in zip(mode_names, counts)}
         metrics["pi_star_fraction"] = float(counts[0])
+    if alive is not None and "decisions/score_distance_rho" in records:
+        metrics["score_distance_rho"] = float(records["decisions/score_distance_rho"][alive].mean())
     return metrics

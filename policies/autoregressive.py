@@ -50,6 +50,8 @@ class ARConfig:
     state_groups: tuple[tuple[str, int, int], ...] = ()
     """entities of the state vector (name, count, size), one prefix token each; () = one state
     token (filled from the env spec)"""
+    state_fourier: int = 6
+    """octaves of sin/cos features per state entry in the prefix (0 = raw values)"""
     horizon: int = 8
     """H, actions per chunk"""
     action_dim: int = 3
@@ -77,6 +79,8 @@ class ARConfig:
             raise ValueError("ARConfig: width must divide by heads")
         if self.temperature <= 0:
             raise ValueError(f"ARConfig.temperature must be > 0, got {self.temperature}")
+        if self.state_fourier < 0:
+            raise ValueError(f"ARConfig.state_fourier must be >= 0, got {self.state_fourier}")
         layers.check_state_groups(self.state_groups, self.state_dim, "ARConfig")
 
     @property
@@ -97,7 +101,8 @@ class ARNet(nn.Module):
     def setup(self):
         c = self.cfg
         self.embed = layers.PrefixEmbed(c.width, c.vocab_size, c.num_tasks, c.instruction_len,
-                                        c.image, c.image_size, c.patch_size, c.state_groups)
+                                        c.image, c.image_size, c.patch_size, c.state_groups,
+                                        c.state_fourier)
         self.blocks = [layers.Block(c.width, c.heads) for _ in range(c.depth)]
         self.tok_embed = nn.Embed(c.bins + 1, c.width)  # id ``bins`` = begin-of-action
         # positions 0..T: T inputs (BOS + T-1 tokens) plus the extra feature step

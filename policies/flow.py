@@ -45,6 +45,8 @@ class FlowConfig:
     state_groups: tuple[tuple[str, int, int], ...] = ()
     """entities of the state vector (name, count, size), one prefix token each; () = one state
     token (filled from the env spec)"""
+    state_fourier: int = 6
+    """octaves of sin/cos features per state entry in the prefix (0 = raw values)"""
     horizon: int = 8
     """H, actions per chunk"""
     action_dim: int = 3
@@ -52,7 +54,9 @@ class FlowConfig:
     image: bool = True
     """use the 64x64 render as patch tokens"""
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
+    """16 x 16 patches: 16 image tokens, which keeps the prefix about ten times the cost of the
+    K expert passes per candidate, as in pi0"""
     width: int = 160
     """prefix transformer width"""
     depth: int = 4
@@ -92,6 +96,8 @@ class FlowConfig:
                              f"got {self.time_dist!r}")
         if self.noise not in ("fresh", "bank"):
             raise ValueError(f"FlowConfig.noise must be 'fresh' or 'bank', got {self.noise!r}")
+        if self.state_fourier < 0:
+            raise ValueError(f"FlowConfig.state_fourier must be >= 0, got {self.state_fourier}")
         layers.check_state_groups(self.state_groups, self.state_dim, "FlowConfig")
 
 
@@ -109,7 +115,8 @@ class FlowNet(nn.Module):
     def setup(self):
         c = self.cfg
         self.embed = layers.PrefixEmbed(c.width, c.vocab_size, c.num_tasks, c.instruction_len,
-                                        c.image, c.image_size, c.patch_size, c.state_groups)
+                                        c.image, c.image_size, c.patch_size, c.state_groups,
+                                        c.state_fourier)
         self.blocks = [layers.Block(c.width, c.heads) for _ in range(c.depth)]
         self.prefix_norm = nn.LayerNorm()
         self.kv_proj = [nn.Dense(2 * c.expert_width) for _ in range(c.expert_depth)]
@@ -282,7 +289,8 @@ class FlowPolicy(ConfiguredPolicy):
         n = layers.prefix_length(c.image, c.image_size, c.patch_size, c.instruction_len,
                                  c.state_groups)
         de, h = c.expert_width, c.horizon
-        p = layers.embed_flops(c.width, c.state_dim, c.image, c.image_size, c.patch_size)
+        state_inputs = c.state_dim * (1 + 2 * c.state_fourier)
+        p = layers.embed_flops(c.width, state_inputs, c.image, c.image_size, c.patch_size)
         p += c.depth * layers.block_flops(n, c.width, n)
         p += c.expert_depth * 2 * n * c.width * 2 * de + 2 * c.state_dim * de
         per_pass = 2 * h * c.action_dim * de + 2 * h * 2 * de * de + 2 * h * de * de

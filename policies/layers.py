@@ -121,12 +121,18 @@ class PrefixEmbed(nn.Module):
     image_size: int
     patch_size: int
     state_groups: tuple = ()
+    state_fourier: int = 0
 
     @nn.compact
     def __call__(self, obs):
         tokens, masks = [], []
         state = obs["state"].astype(jnp.float32)
         b = state.shape[0]
+        if self.state_fourier:
+            # [x, sin(2^k pi x), cos(2^k pi x)] per entry: fine position differences become
+            # easy to read out (a dot product of two such codes is a function of x - x').
+            state = fourier_features(state, self.state_fourier)
+        e = 1 + 2 * self.state_fourier  # values per state entry
         if self.image:
             img = obs["image"].astype(jnp.float32) / 255.0 - 0.5  # [B, 64, 64, 3]
             p, g = self.patch_size, self.image_size // self.patch_size
@@ -147,7 +153,7 @@ class PrefixEmbed(nn.Module):
             # attend to the object token carrying that colour.
             start = 0
             for name, count, size in self.state_groups:
-                part = state[:, start:start + count * size].reshape(b, count, size)
+                part = state[:, start * e:(start + count * size) * e].reshape(b, count, -1)
                 slot = self.param(f"{name}_slot", nn.initializers.normal(0.02),
                                   (count, self.width))
                 tokens.append(nn.Dense(self.width, name=f"state_{name}")(part) + slot
@@ -158,6 +164,14 @@ class PrefixEmbed(nn.Module):
             tokens.append((nn.Dense(self.width, name="state")(state) + task)[:, None])
             masks.append(jnp.ones((b, 1), bool))
         return jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1)
+
+
+def fourier_features(x: jax.Array, octaves: int) -> jax.Array:
+    """x [B, S] -> [B, S * (1 + 2 * octaves)], entry-major so slicing by entries still works."""
+    freqs = jnp.pi * 2.0 ** jnp.arange(octaves)
+    ang = x[..., None] * freqs
+    return jnp.concatenate([x[..., None], jnp.sin(ang), jnp.cos(ang)], -1).reshape(
+        *x.shape[:-1], -1)
 
 
 def sinusoidal(t: jax.Array, dim: int, min_period: float = 4e-3, max_period: float = 4.0):

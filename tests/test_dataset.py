@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from envs import STATE_DIM
 from envs import dataset as ds
 from envs.dataset import (
     DEFAULT_MIX,
@@ -89,7 +90,7 @@ def test_round_trip(demo_dir):
     assert d.num_episodes == 6 and manifest["counts"]["episodes"] == 6
     assert d.num_steps == int(d.episodes["length"].sum()) == manifest["counts"]["steps"]
     assert d["image"].dtype == np.uint8 and d["image"].shape[1:] == (64, 64, 3)
-    assert d["state"].shape[1:] == (56,) and d["instruction"].dtype == np.int32
+    assert d["state"].shape[1:] == (STATE_DIM,) and d["instruction"].dtype == np.int32
     assert set(np.unique(d.episodes["mode"])) <= {0, 4}
     # pi* episodes succeed, wrong_object ones fail; the manifest agrees with the arrays
     for mode, name in ((0, "optimal"), (4, "wrong_object")):
@@ -125,7 +126,7 @@ def test_chunks_known_answer():
     act = np.array([[0, 0, 0], [1, 1, 1], [2, 2, 2], [10, 10, 10], [11, 11, 11]], np.float32)
     steps = {
         "action": act,
-        "state": np.zeros((5, 56), np.float32),
+        "state": np.zeros((5, STATE_DIM), np.float32),
         "episode": np.array([0, 0, 0, 1, 1], np.int32),
         "t": np.array([0, 1, 2, 0, 1], np.int32),
     }
@@ -144,7 +145,7 @@ def test_chunks_known_answer():
         c["valid"], [[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]]
     )
     np.testing.assert_array_equal(c["mode"], [0, 0, 0, 3, 3])
-    assert c["obs"]["state"].shape == (5, 56)
+    assert c["obs"]["state"].shape == (5, STATE_DIM)
     with pytest.raises(ValueError, match="H"):
         d.chunks(0)
 
@@ -189,7 +190,7 @@ def test_load_validation(demo_dir, tmp_path):
     with pytest.raises(ValueError, match="'action'"):
         load_demos(str(tmp_path / "k"))
     n = len(load_demos(src)["state"])
-    _corrupt(src, tmp_path / "t", steps_update={"state": np.zeros((n, 56), np.float64)})
+    _corrupt(src, tmp_path / "t", steps_update={"state": np.zeros((n, STATE_DIM), np.float64)})
     with pytest.raises(ValueError, match="dtype"):
         load_demos(str(tmp_path / "t"))
     _corrupt(src, tmp_path / "s", steps_update={"state": np.zeros((n, 55), np.float32)})

@@ -14,11 +14,11 @@ from envs.tabletop import CONTACT, SPEED
 
 
 def test_constants_and_spec():
-    assert STATE_DIM == 56
+    assert STATE_DIM == 68
     assert envs.INSTRUCTION_LEN == 16
     assert VOCAB[0] == "<pad>" and len(set(VOCAB)) == len(VOCAB)
     spec = make("sort").spec
-    assert (spec.state_dim, spec.action_dim, spec.instruction_len) == (56, 3, 16)
+    assert (spec.state_dim, spec.action_dim, spec.instruction_len) == (68, 3, 16)
     assert spec.vocab_size == len(VOCAB) and spec.num_tasks == 4 and spec.max_steps == 160
     assert make("pick_place", max_steps=7).spec.max_steps == 7
 
@@ -51,6 +51,25 @@ def test_env_is_hashable_static_argument():
     f = jax.jit(lambda e, k: e.reset(k)[1]["state"], static_argnums=0)
     key = jax.random.PRNGKey(3)
     np.testing.assert_array_equal(first_state(key), f(env, key))
+
+
+def test_state_vector_layout_and_gripper_relative_offsets():
+    env = make("sort")
+    s, obs = env.reset(jax.random.PRNGKey(3))
+    state = np.asarray(obs["state"])
+    grip = np.asarray(s.grip_pos)
+    np.testing.assert_allclose(state[:2], grip)
+    start = 4
+    for k in range(envs.tabletop.NUM_OBJECTS):
+        row = state[start + k * envs.tabletop.OBJECT_FEATURES:][:envs.tabletop.OBJECT_FEATURES]
+        active = float(s.obj_active[k])
+        np.testing.assert_allclose(row[:2], np.asarray(s.obj_pos[k]), atol=1e-6)
+        np.testing.assert_allclose(row[2:4], (np.asarray(s.obj_pos[k]) - grip) * active,
+                                   atol=1e-6)
+        assert row[4] == active
+    start += envs.tabletop.NUM_OBJECTS * envs.tabletop.OBJECT_FEATURES
+    zone0 = state[start:start + envs.tabletop.ZONE_FEATURES]
+    np.testing.assert_allclose(zone0[2:4], np.asarray(s.zone_pos[0]) - grip, atol=1e-6)
 
 
 def test_observation_shapes_and_instruction():

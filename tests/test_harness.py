@@ -8,7 +8,9 @@ import envs
 from algos.common.config import ConfigError
 from envs import experts
 from experiments.config import load_run_config
-from experiments.harness import EvalConfig, Setup, evaluate_compiled, evaluate_gym, summarize
+from analysis.stats import spearman
+from experiments.harness import (EvalConfig, Setup, evaluate_compiled, evaluate_gym,
+                                 rank_correlation, summarize)
 from policies import FlowConfig, example_obs, make_policy
 from verifiers.registry import make_verifier
 
@@ -72,6 +74,28 @@ def test_oracle_sim_beats_random_on_progress(tiny):
                                       params, None)
     assert out["oracle_sim"]["progress"].mean() > out["random"]["progress"].mean()
     assert out["oracle_sim"]["decisions/oracle_gap"].max() < 1e-5
+
+
+def test_rank_correlation_known_answers():
+    x = np.array([0.3, -1.0, 2.0, 0.5, 0.1], np.float32)
+    assert float(rank_correlation(x, 2 * x + 1)) == pytest.approx(1.0)
+    assert float(rank_correlation(x, -(x**3))) == pytest.approx(-1.0)
+    assert float(rank_correlation(x, np.ones(5, np.float32))) == 0.0
+    y = np.random.default_rng(0).normal(size=(2, 40)).astype(np.float32)
+    assert float(rank_correlation(y[0], y[1])) == pytest.approx(spearman(y[0], y[1]), abs=1e-5)
+
+
+def test_score_distance_rho_is_minus_one_for_the_expert_distance_oracle(tiny):
+    """oracle_action scores by -distance to the pi* chunk, the very distance the harness ranks
+    against, so its rho is exactly -1 at every decision; random's is near 0 on average."""
+    env, policy, params = tiny
+    rho = {}
+    for name in ("oracle_action", "random"):
+        rec = evaluate_compiled(_setup(env, policy, make_verifier(name), M=6, episodes=8),
+                                params, None)
+        rho[name] = summarize(rec)["score_distance_rho"]
+    assert rho["oracle_action"] == pytest.approx(-1.0, abs=1e-5)
+    assert abs(rho["random"]) < 0.25
 
 
 @pytest.mark.parametrize("override, match", [

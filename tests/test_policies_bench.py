@@ -26,4 +26,6 @@ def test_bench_fields_and_score_hook():
     assert res["bound_at_M32"] == 1 - (p + 32 * s) / (32 * (p + s))
     assert res["reduction_at_M32"] == 1 - res["cached_ms"][32] / res["naive_ms"][32]
     assert res["flow_ms_at_M32"] == res["cached_ms"][32]
-    assert res["score_ms_at_M32"] > 0 and res["sample_ms_at_M32"] > 0
+    assert res["score_call_ms_at_M32"] > 0 and res["sample_ms_at_M32"] > 0
+    assert res["score_ms_at_M32"] >= 0
+    assert res["score_overhead_at_M32"] == res["score_ms_at_M32"] / res["sample_ms_at_M32"]
