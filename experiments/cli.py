@@ -80,7 +80,7 @@ def cmd_grid(args) -> None:
 def cmd_quickstart(args) -> None:
     from experiments.quickstart import quickstart
 
-    quickstart(args.out, fast=args.fast)
+    quickstart(args.out, fast=args.fast, workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quickstart", help="demos → policy SFT → verifier sweep → scaling → report")
     s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--workers", type=int, default=2,
+                   help="evaluation cells run in parallel (default 2: one per core; the cells' "
+                        "latency figures then share the machine)")
     s.add_argument("--fast", action="store_true", help="a tiny smoke-sized run (seconds)")
     s.set_defaults(fn=cmd_quickstart)
 

@@ -9,6 +9,7 @@ runs through the same jitted policy/verifier calls in a Python loop (``evaluate_
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -193,6 +194,16 @@ def _ms(samples: list[float]) -> dict[str, float]:
     return {"p50": float(np.percentile(arr, 50)), "p95": float(np.percentile(arr, 95))}
 
 
+@functools.lru_cache(maxsize=64)
+def _phase_fns(policy, env, M: int, replan: int):
+    """The verifier-independent jitted phases, shared by every evaluation in this process (a
+    grid times each M once per verifier; these compile once per M)."""
+    encode = jax.jit(policy.encode)
+    sample = jax.jit(lambda p, c, k: policy.sample(p, c, k, M))
+    act = jax.jit(lambda s, o, a: execute_chunk(env, s, o, a[:replan]))
+    return encode, sample, act, jax.jit(env.reset)
+
+
 def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]:
     """Per-decision latency split by phase on one environment (batch 1), after compilation.
 
@@ -204,13 +215,10 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]
     from verifiers.registry import select
 
     env, policy, verifier, cfg = setup.env, setup.policy, setup.verifier, setup.cfg
-    encode = jax.jit(policy.encode)
-    sample = jax.jit(lambda p, c, k: policy.sample(p, c, k, cfg.M))
+    encode, sample, act, reset = _phase_fns(policy, env, cfg.M, cfg.replan)
     vobs = jax.jit(lambda o, s, k: verifier_obs(setup, o, s, k))
     score = jax.jit(lambda v, o, c, k: select(verifier.score(v, o, c, k), k, cfg.selection,
                                                cfg.temperature))
-    act = jax.jit(lambda s, o, a: execute_chunk(env, s, o, a[: cfg.replan]))
-    reset = jax.jit(env.reset)
 
     def timed(fn, *args):
         t0 = time.perf_counter()

@@ -45,7 +45,7 @@ def quickstart_spec(base: dict, Ms=MS, verifiers=VERIFIERS) -> dict:
     }
 
 
-def quickstart(out: str, fast: bool = False) -> Path:
+def quickstart(out: str, fast: bool = False, workers: int = 2) -> Path:
     from analysis.report import make_report
     from experiments.grid import run_grid, stage_keys
     from experiments.pipeline import POLICY, STAGES
@@ -57,7 +57,9 @@ def quickstart(out: str, fast: bool = False) -> Path:
     out_dir = Path(out)
     print(f"[quickstart] {len(spec['axes']['verifier.name'])} verifiers × M ∈ "
           f"{spec['axes']['eval.M']} on {base['task']} → {out_dir}")
-    table = run_grid(spec, out_dir, STAGES, RunConfig, workers=1, backend="local")
+    # Evaluation cells are mostly single-threaded (compilation, small batched ops), so two
+    # workers on two cores nearly halve the sweep; the shared stages are built once under a lock.
+    table = run_grid(spec, out_dir, STAGES, RunConfig, workers=workers, backend="local")
     failed = table[table["status"] != "done"]
     if len(failed):
         raise RuntimeError(f"quickstart: {len(failed)} cells failed; see "

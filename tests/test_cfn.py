@@ -155,7 +155,7 @@ def test_save_load_round_trip_and_registry(tmp_path, trained):
     c = Candidates(actions=jnp.zeros((5, 2, 3)), features=q)
     s = jax.jit(lambda vs, c: v.score(vs, {}, c, KEY))(v.state, c)
     np.testing.assert_allclose(s, pseudo_counts(st, q), rtol=1e-6)
-    np.testing.assert_allclose(cfn_score_fn(back)(c), s, rtol=1e-6)
+    np.testing.assert_allclose(cfn_score_fn(back)(None, c, None), s, rtol=1e-6)
     with pytest.raises(ValueError, match="F=3"):
         v.score(v.state, {}, Candidates(jnp.zeros((5, 2, 3)), jnp.zeros((5, 3))), KEY)
     with pytest.raises(ValueError, match="exactly one"):

@@ -6,11 +6,17 @@ import pytest
 
 import envs
 from algos.common.config import ConfigError
+from analysis.stats import spearman
 from envs import experts
 from experiments.config import load_run_config
-from analysis.stats import spearman
-from experiments.harness import (EvalConfig, Setup, evaluate_compiled, evaluate_gym,
-                                 rank_correlation, summarize)
+from experiments.harness import (
+    EvalConfig,
+    Setup,
+    evaluate_compiled,
+    evaluate_gym,
+    rank_correlation,
+    summarize,
+)
 from policies import FlowConfig, example_obs, make_policy
 from verifiers.registry import make_verifier
 

@@ -1,11 +1,11 @@
 """Sampling benchmark: output fields and the verifier-score hook (timings are not asserted)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from policies import FlowConfig, make_policy
 from policies.bench import bench_sampling
+from verifiers.cfn import CFNConfig, cfn_score_fn, init_cfn
 
 TINY = FlowConfig(state_dim=5, instruction_len=6, vocab_size=20, num_tasks=3, horizon=4,
                   patch_size=16, width=32, depth=1, heads=2, expert_width=16, expert_heads=2,
@@ -17,8 +17,8 @@ def test_bench_fields_and_score_hook():
     obs = {"state": np.zeros(5, np.float32), "image": np.zeros((64, 64, 3), np.uint8),
            "instruction": np.array([1, 2, 0, 0, 0, 0], np.int32), "task_id": np.int32(0)}
     params = pol.init(jax.random.PRNGKey(0), obs)
-    res = bench_sampling((pol, params, obs), Ms=(1, 32), repeats=2,
-                         score_fn=lambda o, c, k: jnp.linalg.norm(c.features, axis=-1))
+    cfn = init_cfn(CFNConfig(hidden_dim=8, depth=1), pol.feature_dim, jax.random.PRNGKey(1))
+    res = bench_sampling((pol, params, obs), Ms=(1, 32), repeats=2, score_fn=cfn_score_fn(cfn))
     assert set(res["cached_ms"]) == {1, 32} and set(res["naive_ms"]) == {1, 32}
     f = pol.flop_counts()
     p, s = f["prefix"], f["expert_per_candidate"]
