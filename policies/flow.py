@@ -1,6 +1,6 @@
 """A pi0-style flow-matching action-chunk policy with a shared-context KV cache.
 
-Prefix ("VLM"): image patches, instruction tokens and a state token through a bidirectional
+Prefix ("VLM"): image patches, instruction tokens and state-entity tokens through a bidirectional
 transformer. Action expert: H action tokens (noisy chunk + flow-time embedding) that attend,
 bidirectionally, to each other and to per-expert-layer keys/values projected from the final
 prefix hidden states (pi0 takes them from the matching VLM layer; with fewer expert layers

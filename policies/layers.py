@@ -2,8 +2,9 @@
 multi-head attention against a cached prefix, and analytic FLOP counts.
 
 Every module works on batched inputs (leading B). The prefix is a sequence of N tokens:
-image patches (64 for a 64x64 render with 8x8 patches), instruction tokens (padding masked),
-and one state token that also carries the task embedding.
+image patches (16 for a 64x64 render with 16x16 patches), instruction tokens (padding masked),
+and one token per state entity (gripper, each object, each zone, the scene) or a single state
+token, carrying the task embedding; state values optionally pass through Fourier features.
 """
 
 from __future__ import annotations
