@@ -241,6 +241,19 @@ def rollout(env: TabletopEnv, key: jax.Array, mode: int | jax.Array, num_steps: 
     return traj
 
 
+def mode_chunks(env: TabletopEnv, state: TabletopState, key: jax.Array, H: int) -> jax.Array:
+    """Every mode's next H actions from ``state`` -> f32 [n_modes, H, A], in MODES[env.task]
+    order (index 0 is pi*); `key` is the episode key the experts would use."""
+    modes = jnp.arange(len(MODES[env.task]))
+    return jax.vmap(lambda m: expert_chunk(env, state, m, key, H))(modes)
+
+
+def nearest_mode(chunks: jax.Array, chunk: jax.Array) -> jax.Array:
+    """Index of the mode chunk [n_modes, H, A] nearest (L2 over the whole chunk) to chunk [H, A]."""
+    dist = jnp.sum((chunks - chunk[None]) ** 2, axis=(1, 2))
+    return jnp.argmin(dist).astype(jnp.int32)
+
+
 def classify_chunk(
     env: TabletopEnv, state: TabletopState, chunk: jax.Array, key: jax.Array
 ) -> jax.Array:
@@ -248,8 +261,4 @@ def classify_chunk(
 
     chunk f32 [H, A]; `key` is the episode key the experts would use.
     """
-    H = chunk.shape[0]
-    modes = jnp.arange(len(MODES[env.task]))
-    chunks = jax.vmap(lambda m: expert_chunk(env, state, m, key, H))(modes)  # [n_modes, H, A]
-    dist = jnp.sum((chunks - chunk[None]) ** 2, axis=(1, 2))
-    return jnp.argmin(dist).astype(jnp.int32)
+    return nearest_mode(mode_chunks(env, state, key, chunk.shape[0]), chunk)

@@ -162,12 +162,12 @@ def run_episode(setup: Setup, pparams, vstate, key):
             oracle = setup.oracle.score(None, {**obs, "env_state": state}, cands, k)
             rec["oracle_gap"] = jnp.max(oracle) - oracle[index]
         if setup.expert is not None and setup.cfg.classify_modes:
-            rec["mode"] = setup.expert.classify_chunk(env, state, chunk, k_expert)
+            modes = setup.expert.mode_chunks(env, state, k_expert, chunk.shape[0])
+            rec["mode"] = setup.expert.nearest_mode(modes, chunk)
             if setup.cfg.M > 2:
-                # Does the verifier rank candidates by closeness to the pi* chunk? (TACO's
-                # count-vs-distance check; < 0 when higher scores go with closer chunks)
-                best = setup.expert.expert_chunk(env, state, 0, k_expert, chunk.shape[0])
-                dist = jnp.sqrt(jnp.sum((cands.actions - best[None]) ** 2, axis=(1, 2)))
+                # Does the verifier rank candidates by closeness to the pi* chunk (modes[0])?
+                # (TACO's count-vs-distance check; < 0 when higher scores go with closer chunks)
+                dist = jnp.sqrt(jnp.sum((cands.actions - modes[0][None]) ** 2, axis=(1, 2)))
                 rec["score_distance_rho"] = rank_correlation(scores, dist)
         (state, obs), (_, dones, success, progress) = execute_chunk(env, state, obs, chunk[:h])
         return (state, obs, done | dones[-1], success[-1], progress[-1]), rec

@@ -79,9 +79,7 @@ class ARConfig:
             raise ValueError("ARConfig: width must divide by heads")
         if self.temperature <= 0:
             raise ValueError(f"ARConfig.temperature must be > 0, got {self.temperature}")
-        if self.state_fourier < 0:
-            raise ValueError(f"ARConfig.state_fourier must be >= 0, got {self.state_fourier}")
-        layers.check_state_groups(self.state_groups, self.state_dim, "ARConfig")
+        layers.check_state_inputs(self, "ARConfig")
 
     @property
     def num_tokens(self) -> int:

@@ -96,9 +96,7 @@ class FlowConfig:
                              f"got {self.time_dist!r}")
         if self.noise not in ("fresh", "bank"):
             raise ValueError(f"FlowConfig.noise must be 'fresh' or 'bank', got {self.noise!r}")
-        if self.state_fourier < 0:
-            raise ValueError(f"FlowConfig.state_fourier must be >= 0, got {self.state_fourier}")
-        layers.check_state_groups(self.state_groups, self.state_dim, "FlowConfig")
+        layers.check_state_inputs(self, "FlowConfig")
 
 
 @struct.dataclass

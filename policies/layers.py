@@ -31,11 +31,14 @@ def state_token_count(state_groups: tuple) -> int:
     return sum(n for _, n, _ in state_groups) if state_groups else 1
 
 
-def check_state_groups(state_groups: tuple, state_dim: int, owner: str) -> None:
-    total = sum(n * d for _, n, d in state_groups)
-    if state_groups and total != state_dim:
+def check_state_inputs(cfg, owner: str) -> None:
+    """The state-embedding fields a policy config shares with PrefixEmbed."""
+    if cfg.state_fourier < 0:
+        raise ValueError(f"{owner}.state_fourier must be >= 0, got {cfg.state_fourier}")
+    total = sum(n * d for _, n, d in cfg.state_groups)
+    if cfg.state_groups and total != cfg.state_dim:
         raise ValueError(f"{owner}.state_groups cover {total} state entries, state_dim is "
-                         f"{state_dim}")
+                         f"{cfg.state_dim}")
 
 
 def attention(
