@@ -3,7 +3,9 @@
 A run directory holds ``result.json`` (schema ``steerlab.result/1``) and usually ``config.json``.
 Each run becomes one row: the resolved config flattened to dotted columns (``verifier.name``,
 ``eval.M``), scalar metrics as ``metrics.<name>``, latencies as ``latency_ms.<phase>.<stat>``,
-plus ``kind``, ``schema`` and ``path``. Curves stay out of the table; ``load_records`` keeps them.
+plus ``kind``, ``schema``, ``path`` and the ``policy_dir`` / ``verifier_dir`` a run names. Curves
+stay out of the table; ``load_records`` keeps them. ``episodes.jsonl`` (one row per evaluation
+episode) is read separately with ``read_episodes``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import pandas as pd
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
+EPISODES_FILE = "episodes.jsonl"
+LOCATION_KEYS = ("policy_dir", "verifier_dir")
 
 
 def _as_paths(paths_or_dirs) -> list[Path]:
@@ -114,6 +118,8 @@ def record_row(rec: dict) -> dict:
     row["kind"] = rec.get("kind")
     row["schema"] = rec.get("schema")
     row["path"] = rec.get("path")
+    for key in LOCATION_KEYS:
+        row[key] = rec.get(key)
     return row
 
 
@@ -131,7 +137,7 @@ def load_runs(paths_or_dirs) -> pd.DataFrame:
 
 def varying_columns(df: pd.DataFrame, prefixes: Iterable[str] = ()) -> list[str]:
     """Config columns whose value differs across rows (the effective axes of a set of runs)."""
-    skip = ("metrics.", "latency_ms.", "path", "schema")
+    skip = ("metrics.", "latency_ms.", "path", "schema", *LOCATION_KEYS)
     cols = []
     for c in df.columns:
         if c.startswith(skip) or (prefixes and not c.startswith(tuple(prefixes))):
@@ -140,3 +146,48 @@ def varying_columns(df: pd.DataFrame, prefixes: Iterable[str] = ()) -> list[str]
         if vals.astype(str).nunique() > 1:
             cols.append(c)
     return cols
+
+
+def read_episodes(run_dir) -> list[dict]:
+    """The rows of ``<run_dir>/episodes.jsonl``; [] when absent. Unreadable lines are skipped."""
+    path = Path(run_dir) / EPISODES_FILE
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def read_json_dict(path) -> dict | None:
+    """A JSON object from ``path``, or None when it is missing, unreadable or not an object."""
+    try:
+        data = _read_json(Path(path))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def resolve_dir(path: str, run_dir=None) -> Path | None:
+    """An existing directory for a path a result names, or None.
+
+    Absolute paths are taken as they are. A relative path was relative to the working directory
+    of the run, so it is tried against the current directory and then against each ancestor of
+    ``run_dir`` (a report made from elsewhere still finds ``out/stages/...``).
+    """
+    if not path:
+        return None
+    p = Path(path)
+    if p.is_absolute():
+        return p if p.is_dir() else None
+    bases = [Path.cwd()]
+    if run_dir is not None:
+        bases += list(Path(run_dir).resolve().parents)
+    return next((b / p for b in bases if (b / p).is_dir()), None)

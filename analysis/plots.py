@@ -95,23 +95,83 @@ def plot_success_vs_m(df: pd.DataFrame, out_path, group: str | None = None) -> P
     return _save(fig, out_path)
 
 
+def _curve_entries(c: dict) -> list[tuple[str | None, dict]]:
+    """(method, curve) pairs from a ``curves`` dict.
+
+    Two layouts: a scaling study's ``{"Ns": [...], "methods": {m: {"error_mean", "error_sem",
+    "fit"}}}`` (one curve per proposal method) or a single ``{"N", "error"|"error_mean", ...}``.
+    """
+    methods = c.get("methods")
+    if isinstance(methods, dict) and "Ns" in c:
+        return [(str(m), {**v, "N": c["Ns"]}) for m, v in methods.items() if isinstance(v, dict)]
+    return [(c.get("method"), c)]
+
+
+def _curve_arrays(cur: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """N [K], mean error [K] and its standard error [K] (or None), or None when malformed."""
+    if "N" not in cur or not ("error" in cur or "error_mean" in cur):
+        return None
+    try:
+        n = np.asarray(cur["N"], dtype=float)
+        err = np.asarray(cur["error"] if "error" in cur else cur["error_mean"], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if n.ndim != 1 or err.ndim not in (1, 2) or err.shape[-1] != n.shape[0] or n.size == 0:
+        return None
+    mean = err.mean(0) if err.ndim == 2 else err
+    sem = None
+    if err.ndim == 2 and err.shape[0] > 1:
+        sem = err.std(0) / math.sqrt(err.shape[0])
+    elif "error_sem" in cur:
+        try:
+            sem = np.asarray(cur["error_sem"], dtype=float)
+        except (TypeError, ValueError):
+            sem = None
+        sem = sem if sem is not None and sem.shape == mean.shape else None
+    return n, mean, sem
+
+
+def _curve_fit(cur: dict, n: np.ndarray, err: np.ndarray) -> dict | None:
+    """The stored fit, else a power law fitted here (None when it cannot be fitted)."""
+    fit = cur.get("fit")
+    if isinstance(fit, dict) and "a" in fit and "b" in fit:
+        return fit
+    if len(np.unique(n)) < 2 or not np.all(err > 0) or not np.all(n > 0):
+        return None
+    try:
+        return fit_power_law(n, err, n_boot=200)
+    except ValueError:
+        return None
+
+
 def scaling_curves(records: list[dict]) -> list[dict]:
-    """Scaling curves from records: label, N, per-state errors or mean errors, and a fit."""
+    """Scaling curves from records, one per proposal method.
+
+    Each: label (method), run (directory name), N, mean error, sem (or None), fit, path, states.
+    """
     out = []
     for rec in records:
-        c = rec.get("curves") or {}
-        if not isinstance(c, dict) or "N" not in c or not ("error" in c or "error_mean" in c):
+        c = rec.get("curves")
+        if not isinstance(c, dict):
             continue
-        n = np.asarray(c["N"], dtype=float)
-        err = np.asarray(c["error"] if "error" in c else c["error_mean"], dtype=float)
-        mean = err.mean(0) if err.ndim == 2 else err
-        fit = c.get("fit") if isinstance(c.get("fit"), dict) and "b" in c["fit"] else None
-        if fit is None and len(np.unique(n)) >= 2 and np.all(mean > 0):
-            fit = fit_power_law(n, err, n_boot=200)
-        cfg = rec.get("config") or {}
-        label = str(c.get("method") or cfg.get("task") or Path(rec.get("path", "?")).name)
-        out.append({"label": label, "N": n, "error": mean, "fit": fit, "path": rec.get("path")})
+        cfg = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+        run = Path(rec["path"]).name if rec.get("path") else ""
+        for method, cur in _curve_entries(c):
+            arrays = _curve_arrays(cur)
+            if arrays is None:
+                continue
+            n, mean, sem = arrays
+            err = np.asarray(cur["error"], dtype=float) if "error" in cur else mean
+            label = str(method or cfg.get("task") or run or "?")
+            out.append({"label": label, "run": run, "N": n, "error": mean, "sem": sem,
+                        "fit": _curve_fit(cur, n, err), "path": rec.get("path"),
+                        "states": c.get("states")})
     return out
+
+
+def power_law(fit: dict, n: np.ndarray) -> np.ndarray:
+    """``c + a·N^b`` for a fit dict (c = 0 when the fit has no offset)."""
+    return float(fit.get("c", 0.0) or 0.0) + float(fit["a"]) * n ** float(fit["b"])
 
 
 def plot_error_vs_n(records: list[dict], out_path) -> Path | None:
@@ -119,16 +179,19 @@ def plot_error_vs_n(records: list[dict], out_path) -> Path | None:
     curves = scaling_curves(records)
     if not curves:
         return None
+    several_runs = len({c["path"] for c in curves}) > 1
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for c in curves:
-        (line,) = ax.plot(c["N"], c["error"], "o", label=f"{c['label']} (data)")
+        name = f"{c['run']}: {c['label']}" if several_runs else c["label"]
+        sem = c["sem"]
+        (line, *_) = ax.errorbar(c["N"], c["error"], yerr=sem, fmt="o", capsize=2,
+                                 label=f"{name} (data)")
         fit = c["fit"]
         if fit:
             grid = np.geomspace(c["N"].min(), c["N"].max(), 100)
-            pred = fit.get("c", 0.0) + fit["a"] * grid ** fit["b"]
             r2 = fit.get("r2", float("nan"))
-            label = f"{c['label']} fit: b={fit['b']:.3f}, R²={r2:.3f}"
-            ax.plot(grid, pred, "-", color=line.get_color(), label=label)
+            label = f"{name} fit: b={fit['b']:.3f}, R²={r2:.3f}"
+            ax.plot(grid, power_law(fit, grid), "-", color=line.get_color(), label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("samples N")
@@ -136,6 +199,36 @@ def plot_error_vs_n(records: list[dict], out_path) -> Path | None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("Action error vs N (power-law fit)")
+    return _save(fig, out_path)
+
+
+def loss_points(loss_curve) -> tuple[np.ndarray, np.ndarray]:
+    """(step, held-out loss) arrays from ``[{"step", "heldout_loss"}, ...]``, keeping only rows
+    with a finite step and a finite positive loss (the y-axis is logarithmic), sorted by step."""
+    pts = []
+    for row in loss_curve if isinstance(loss_curve, list) else []:
+        try:
+            step, loss = float(row["step"]), float(row["heldout_loss"])
+        except (TypeError, KeyError, ValueError):
+            continue
+        if math.isfinite(step) and math.isfinite(loss) and loss > 0:
+            pts.append((step, loss))
+    pts.sort()
+    return np.asarray([p[0] for p in pts]), np.asarray([p[1] for p in pts])
+
+
+def plot_loss_curve(loss_curve, out_path, title: str = "Held-out loss") -> Path | None:
+    """Held-out loss vs training step (log y) from a ``loss_curve`` list."""
+    steps, loss = loss_points(loss_curve)
+    if steps.size == 0:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.plot(steps, loss, marker="." if steps.size < 50 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=9)
     return _save(fig, out_path)
 
 

@@ -1,5 +1,5 @@
-"""Statistics for result tables: Wilson intervals, power-law fits with bootstrap intervals, and
-rank correlation. NumPy only (scipy is a dev dependency)."""
+"""Statistics for result tables: Wilson intervals, power-law fits with bootstrap intervals, rank
+correlation and the paired exact McNemar test. NumPy only (scipy is a dev dependency)."""
 
 from __future__ import annotations
 
@@ -172,3 +172,38 @@ def spearman(x, y) -> float:
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denom = math.sqrt(float(np.sum(rx * rx) * np.sum(ry * ry)))
     return float(np.sum(rx * ry) / denom) if denom > 0 else float("nan")
+
+
+def binom_cdf_half(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2), exact (integer arithmetic, one final division)."""
+    if n < 0:
+        raise ValueError(f"n: need n >= 0, got {n}")
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+
+
+def mcnemar(a, b) -> dict:
+    """Paired exact McNemar test of two per-episode success vectors (same initial states).
+
+    ``n10`` counts episodes where ``a`` succeeds and ``b`` fails, ``n01`` the reverse. Under the
+    null the discordant pairs split 50/50, so the two-sided exact p-value is
+    ``min(1, 2·BinomCDF(min(n10, n01); n10 + n01, 1/2))`` (1 when there are no discordant pairs).
+    Returns n, n10, n01, n11, n00, rate_a, rate_b, diff (rate_a - rate_b) and p_value.
+    """
+    x = np.asarray(a).astype(bool)
+    y = np.asarray(b).astype(bool)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"a, b: expected two 1-D vectors of equal length, got {x.shape}, "
+                         f"{y.shape}")
+    n = int(x.size)
+    n10, n01 = int(np.sum(x & ~y)), int(np.sum(~x & y))
+    d = n10 + n01
+    p = 1.0 if d == 0 else min(1.0, 2.0 * binom_cdf_half(min(n10, n01), d))
+    rate_a = float(x.mean()) if n else float("nan")
+    rate_b = float(y.mean()) if n else float("nan")
+    return {"n": n, "n10": n10, "n01": n01, "n11": int(np.sum(x & y)),
+            "n00": int(np.sum(~x & ~y)), "rate_a": rate_a, "rate_b": rate_b,
+            "diff": rate_a - rate_b, "p_value": p}

@@ -11,6 +11,8 @@ Observation dict (one environment, unbatched):
     image        uint8   [64, 64, 3]    top-down render (only when the env renders images)
     instruction  int32   [L]            token ids over a fixed vocabulary, right-padded with 0
     task_id      int32   []
+    time         float32 []             elapsed fraction t/T of the time limit; for critics and
+                                        value functions, never read by the base policies
 Actions are float32 [A] = (dx, dy, grip) in [-1, 1]; grip > 0 closes.
 After ``done`` an episode is frozen: ``step`` returns the same state with done/success kept,
 so a fixed-horizon scan needs no autoreset.

@@ -1,10 +1,21 @@
 """Demonstration datasets: expert mixtures rolled out in the tabletop suite, stored as npz.
 
 Layout of a dataset directory:
-    steps.npz      per-step arrays [N, ...]: state, image (optional), instruction, task_id,
-                   action, reward, done, success, progress, episode, t
-    episodes.npz   per-episode arrays [E]: mode, length, success, seed
-    manifest.json  schema_version, task, variant, mix, seed, counts, per-mode success, shapes
+    steps.npz      per-step arrays [N, ...]: state, image (optional), instruction, task_id, time,
+                   action, mode, reward, done, success, progress, episode, t, decision,
+                   mode_label
+    episodes.npz   per-episode arrays [E]: mode (-1 when modes change per segment), length,
+                   success, wrong_block
+    manifest.json  schema_version, task, variant, mix, segment, seed, counts, success, the
+                   per-step mode shares by progress bin, the classifier's label accuracy, the
+                   premise check, shapes
+
+The expert mode is drawn per *segment* of ``segment`` steps (default 4, the harness's replan
+length), so at every decision state the data is the mixture ``mix`` (``segment=0`` draws one
+mode per episode instead, which lets slow failure modes dwell and outweigh pi* per step).
+Decision steps are the first step of each segment; ``mode_label`` holds, at decision steps, the
+mode classifier's (tie-splitting) label of the chunk executed from there, the same label the
+harness gives a policy's executed chunks, so the two can be compared bin by bin.
 
 Only steps taken before an episode ended are stored, so episodes have variable length and
 ``episode_slices`` locate them. ``mode`` indexes ``envs.experts.ALL_MODES`` (the same index in
@@ -24,35 +35,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from envs.experts import ALL_MODES, MODES, rollout
-from envs.tabletop import TASKS, VARIANTS, make
+from envs.experts import ALL_MODES, MODES, classify_chunk, expert_chunk, rollout, segment_key
+from envs.mixture import (
+    DEFAULT_MIX,
+    bin_names,
+    check_task_variant,
+    label_accuracy,
+    mode_shares_by_bin,
+    premise_check,
+    progress_bins,
+    validate_mix,
+)
+from envs.tabletop import make
 
-SCHEMA_VERSION = 1
-# The mixture of the issue's example, the same for every task: pi* the largest component, and
-# failure modes that look plausible. wrong_object (a language-grounding failure) is left to
-# --mix: in the default it would dominate what a small policy gets wrong.
-_MIX = {"optimal": 0.6, "hesitant": 0.15, "detour": 0.15, "sloppy": 0.1}
-DEFAULT_MIX: dict[str, dict[str, float]] = {task: dict(_MIX) for task in
-                                            ("reach", "push", "pick_place", "sort")}
+SCHEMA_VERSION = 2
+DEFAULT_SEGMENT = 4
 STEP_KEYS = (
     "state",
     "instruction",
     "task_id",
+    "time",
     "action",
+    "mode",
     "reward",
     "done",
     "success",
     "progress",
     "episode",
     "t",
+    "decision",
+    "mode_label",
 )
-OBS_KEYS = ("state", "image", "instruction", "task_id")
-EPISODE_KEYS = ("mode", "length", "success")
+OBS_KEYS = ("state", "image", "instruction", "task_id", "time")
+EPISODE_KEYS = ("mode", "length", "success", "wrong_block")
 _DTYPES = {
     "state": "float32",
     "image": "uint8",
     "instruction": "int32",
     "task_id": "int32",
+    "time": "float32",
     "action": "float32",
     "reward": "float32",
     "done": "bool",
@@ -60,66 +81,50 @@ _DTYPES = {
     "progress": "float32",
     "episode": "int32",
     "t": "int32",
+    "decision": "bool",
+    "mode_label": "float32",
     "mode": "int32",
     "length": "int32",
+    "wrong_block": "bool",
 }
 _BATCH = 64  # episodes per compiled rollout call; bounds memory when images are on
 
 
-def _check_task_variant(task: str, variant: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"task: unknown {task!r}; allowed values are {TASKS}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: unknown {variant!r}; allowed values are {VARIANTS}")
+def labelled_rollout(env, key: jax.Array, modes: jax.Array, segment: int, h: int):
+    """``experts.rollout`` plus, at each decision step (the first of a segment), the mode
+    classifier's label [n_modes] of the h-step chunk executed from there (zeros elsewhere).
 
+    Within a segment the expert's mode and latents are fixed, so that chunk is the expert's own
+    ``expert_chunk`` from the decision state; the label is computed from the states the scan
+    visits without storing them.
+    """
+    traj = rollout(env, key, modes, segment)
+    k_reset, k_expert = jax.random.split(key)
+    state, _ = env.reset(k_reset)
+    every = segment or h
+    n_modes = len(MODES[env.task])
 
-def parse_mix(text: str) -> dict[str, float]:
-    """'optimal=0.6,hesitant=0.4' -> {"optimal": 0.6, "hesitant": 0.4} (syntax only)."""
-    mix: dict[str, float] = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise ValueError(f"mix: malformed entry {part!r}; expected 'mode=weight,...'")
-        if name in mix:
-            raise ValueError(f"mix: mode {name!r} given twice")
-        try:
-            mix[name] = float(value)
-        except ValueError:
-            raise ValueError(f"mix: weight of {name!r} is not a number: {value!r}") from None
-    if not mix:
-        raise ValueError("mix: empty; expected 'mode=weight,...'")
-    return mix
+    def body(s, xs):
+        action, mode = xs
+        label = classify_chunk(env, s, expert_chunk(env, s, mode, segment_key(k_expert, s.t,
+                                                                              segment), h))
+        at_decision = (s.t % every) == 0
+        out = (jnp.where(at_decision, label, jnp.zeros(n_modes)), at_decision, s.progress)
+        return env.step_state(s, action), out
 
-
-def validate_mix(task: str, mix: dict[str, float] | str) -> dict[str, float]:
-    """Check mode names against MODES[task] and that weights are >= 0 and sum to 1."""
-    _check_task_variant(task, "nominal")
-    if isinstance(mix, str):
-        mix = parse_mix(mix)
-    allowed = MODES[task]
-    for name, w in mix.items():
-        if name not in allowed:
-            raise ValueError(f"mix: unknown mode {name!r} for task {task!r}; allowed: {allowed}")
-        if not np.isfinite(w) or w < 0:
-            raise ValueError(f"mix: weight of {name!r} must be a finite number >= 0, got {w}")
-    total = sum(mix.values())
-    if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"mix: weights must sum to 1 (tolerance 1e-6), got {total:.9g}")
-    return {k: float(v) for k, v in mix.items()}
+    _, (label, decision, progress) = jax.lax.scan(body, state, (traj["action"], traj["mode"]))
+    return {**traj, "mode_label": label, "decision": decision, "state_progress": progress}
 
 
 @functools.cache
-def _rollout_fn(task: str, variant: str, image: bool):
+def _rollout_fn(task: str, variant: str, image: bool, segment: int, h: int):
     env = make(task, variant, image=image)
-    return jax.jit(jax.vmap(lambda k, m: rollout(env, k, m)))
+    return jax.jit(jax.vmap(lambda k, m: labelled_rollout(env, k, m, segment, h)))
 
 
-def _collect(task: str, variant: str, image: bool, keys: np.ndarray, modes: np.ndarray):
-    fn = _rollout_fn(task, variant, image)
+def _collect(task: str, variant: str, image: bool, keys: np.ndarray, modes: np.ndarray,
+             segment: int):
+    fn = _rollout_fn(task, variant, image, segment, segment or DEFAULT_SEGMENT)
     parts = []
     for i in range(0, len(modes), _BATCH):
         k = keys[i : i + _BATCH]
@@ -154,53 +159,61 @@ def write_demos(
     variant: str = "nominal",
     image: bool = True,
     overwrite: bool = False,
+    segment: int = DEFAULT_SEGMENT,
 ) -> dict:
-    """Roll out experts (mode per episode drawn from `mix`) and write a dataset -> manifest.
+    """Roll out experts (a mode per segment of ``segment`` steps drawn from ``mix``, a name in
+    ``MIXTURES`` or 'mode=weight,...') and write a dataset -> manifest.
 
     The directory is written to a temporary sibling and renamed into place, so an error never
     leaves a partial dataset behind.
     """
-    _check_task_variant(task, variant)
-    mix = validate_mix(task, DEFAULT_MIX[task] if mix is None else mix)
+    check_task_variant(task, variant)
+    mix = validate_mix(task, DEFAULT_MIX if mix is None else mix)
     if not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes: must be a positive int, got {episodes!r}")
+    if not isinstance(segment, int) or segment < 0:
+        raise ValueError(f"segment: must be an int >= 0 (0 = one mode per episode), "
+                         f"got {segment!r}")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise ValueError(f"out_dir: {out_dir} exists; pass overwrite=True to replace it")
 
+    T = make(task, variant).max_steps
+    n_segments = -(-T // segment) if segment else 1
     rng = np.random.default_rng(seed)
     names = list(mix)
-    drawn = rng.choice(len(names), size=episodes, p=np.array([mix[n] for n in names]))
-    modes = np.array([ALL_MODES.index(names[i]) for i in drawn], np.int32)
+    drawn = rng.choice(len(names), size=(episodes, n_segments),
+                       p=np.array([mix[n] for n in names]))
+    modes = np.array([ALL_MODES.index(n) for n in names], np.int32)[drawn]  # [E, S]
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), episodes))
-    traj = _collect(task, variant, image, keys, modes)
+    traj = _collect(task, variant, image, keys, modes, segment)
 
     ep_success = (traj["success"] & traj["valid"]).any(1)
     valid = _recorded(traj["valid"], traj["action"])  # [E, T]
     lengths = valid.sum(1).astype(np.int32)
-    T = valid.shape[1]
     flat = lambda x: x[valid]  # keeps episode order, drops steps after done
     steps = {k: flat(traj["obs"][k]) for k in OBS_KEYS if k in traj["obs"]}
-    for k in ("action", "reward", "done", "success", "progress"):
+    for k in ("action", "mode", "reward", "done", "success", "progress", "decision",
+              "mode_label"):
         steps[k] = flat(traj[k])
-    steps["episode"] = flat(np.broadcast_to(np.arange(episodes)[:, None], (episodes, T)))
-    steps["t"] = flat(np.broadcast_to(np.arange(T)[None, :], (episodes, T)))
+    steps["episode"] = flat(np.broadcast_to(np.arange(episodes)[:, None], valid.shape))
+    steps["t"] = flat(np.broadcast_to(np.arange(T)[None, :], valid.shape))
     steps = {k: np.ascontiguousarray(v, dtype=_DTYPES[k]) for k, v in steps.items()}
-    eps = {"mode": modes, "length": lengths, "success": ep_success.astype(bool)}
+    wrong = (traj["wrong_block"] & traj["valid"]).any(1)
+    eps = {"mode": modes[:, 0] if not segment else np.full(episodes, -1, np.int32),
+           "length": lengths, "success": ep_success.astype(bool), "wrong_block": wrong}
 
-    per_mode = {}
-    for name in names:
-        sel = modes == ALL_MODES.index(name)
-        per_mode[name] = {
-            "episodes": int(sel.sum()),
-            "success_rate": float(ep_success[sel].mean()) if sel.any() else None,
-            "mean_length": float(lengths[sel].mean()) if sel.any() else None,
-        }
+    task_modes = MODES[task]
+    at = steps["decision"]
+    bins = progress_bins(flat(traj["state_progress"])[at])
+    true_shares, counts = mode_shares_by_bin(bins, np.eye(len(task_modes))[steps["mode"][at]])
+    label_shares, _ = mode_shares_by_bin(bins, steps["mode_label"][at])
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "task": task,
         "variant": variant,
         "mix": mix,
+        "segment": segment,
         "seed": int(seed),
         "image": bool(image),
         "modes": list(ALL_MODES),
@@ -210,7 +223,16 @@ def write_demos(
             "successes": int(ep_success.sum()),
         },
         "success_rate": float(ep_success.mean()),
-        "per_mode": per_mode,
+        "wrong_block_rate": float(wrong.mean()),
+        "mode_shares": {
+            "modes": list(task_modes),
+            "bins": bin_names(),
+            "decisions": counts.tolist(),
+            "true": true_shares.tolist(),
+            "classified": label_shares.tolist(),
+        },
+        "label_accuracy": label_accuracy(steps["mode"][at], steps["mode_label"][at], task_modes),
+        "premise": premise_check(true_shares, counts),
         "arrays": {
             k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in steps.items()
         },
@@ -270,7 +292,8 @@ class Dataset:
         """Chunked view for training: at every step, the next H actions of its episode.
 
         -> obs (dict [N, ...]), actions f32 [N, H, A] (padded by repeating the episode's last
-        action), valid bool [N, H], mode i32 [N], episode i32 [N].
+        action), valid bool [N, H], mode i32 [N] (the mode that took the step), decision
+        bool [N], episode i32 [N].
         """
         if not isinstance(H, int) or H < 1:
             raise ValueError(f"H: must be a positive int, got {H!r}")
@@ -283,7 +306,8 @@ class Dataset:
             "obs": self.obs,
             "actions": self.steps["action"][idx],
             "valid": valid,
-            "mode": self.episodes["mode"][ep].astype(np.int32),
+            "mode": self.steps["mode"].astype(np.int32),
+            "decision": self.steps["decision"].astype(bool),
             "episode": ep.astype(np.int32),
         }
 
@@ -367,18 +391,29 @@ def combine(datasets: list[Dataset]) -> Dataset:
 
 
 def summarize(manifest: dict) -> str:
-    """A few readable lines about a dataset manifest."""
+    """A few readable lines about a dataset manifest: counts, success, and the per-step mode
+    shares by progress bin at decision steps (true modes) with the premise check."""
     if "combined" in manifest:
         return "\n\n".join(summarize(m) for m in manifest["combined"])
     c = manifest["counts"]
+    mix = ",".join(f"{k}={v:g}" for k, v in manifest["mix"].items())
     lines = [
         f"task={manifest['task']} variant={manifest['variant']} seed={manifest['seed']} "
-        f"image={manifest.get('image')}",
-        f"episodes={c['episodes']} steps={c['steps']} success={manifest['success_rate']:.3f}",
-        f"{'mode':<14}{'weight':>8}{'episodes':>10}{'success':>9}{'mean len':>10}",
+        f"image={manifest.get('image')} segment={manifest['segment']} mix={mix}",
+        f"episodes={c['episodes']} steps={c['steps']} success={manifest['success_rate']:.3f} "
+        f"wrong_block={manifest['wrong_block_rate']:.3f}",
     ]
-    for name, st in manifest["per_mode"].items():
-        sr = "-" if st["success_rate"] is None else f"{st['success_rate']:.3f}"
-        ml = "-" if st["mean_length"] is None else f"{st['mean_length']:.1f}"
-        lines.append(f"{name:<14}{manifest['mix'][name]:>8.3f}{st['episodes']:>10}{sr:>9}{ml:>10}")
+    sh = manifest["mode_shares"]
+    lines.append("per-step mode shares at decision steps, by progress bin:")
+    lines.append(f"{'progress':<10}{'decisions':>10}" + "".join(f"{m:>14}" for m in sh["modes"]))
+    for name, n, row in zip(sh["bins"], sh["decisions"], sh["true"], strict=True):
+        lines.append(f"{name:<10}{n:>10}" + "".join(f"{v:>14.3f}" for v in row))
+    p = manifest["premise"]
+    if p["pi_star_min"] is not None:
+        lines.append(f"premise (pi* in {p['targets']['pi_star']} and failure modes <= "
+                     f"{p['targets']['failure_max']} in every bin): "
+                     f"{'PASSED' if p['passed'] else 'NOT MET'} (pi* {p['pi_star_min']:.3f}-"
+                     f"{p['pi_star_max']:.3f}, largest failure share {p['failure_max']:.3f})")
+    acc = ", ".join(f"{m} {v['accuracy']:.2f}" for m, v in manifest["label_accuracy"].items())
+    lines.append(f"mode classifier accuracy on these chunks: {acc}")
     return "\n".join(lines)

@@ -1,9 +1,9 @@
 """Scripted experts for the tabletop suite: the successful mode and plausible failure modes.
 
 Every expert is a state-feedback rule: ``expert_action(env, state, mode, key)`` depends only on
-the state, the step counter inside it and ``key``, which is fixed for an episode. Per-episode
-latents (the arc direction of a detour, hesitation coins) are drawn from ``key``,
-so the expert can be queried at any state, e.g. to label a chunk with its nearest mode.
+the state, the step counter inside it and ``key``, which is fixed for a segment of an episode.
+Latents (the arc direction of a detour, hesitation coins) are drawn from ``key``, so the
+expert can be queried at any state, e.g. to label a chunk with its nearest mode.
 
 Modes (``MODES[task]``, "optimal" first; the index of a mode is the same in every task):
     optimal       the successful mode pi*; takes the shorter gap where a wall is in the way
@@ -211,28 +211,47 @@ def expert_chunk(
     return actions
 
 
-def rollout(env: TabletopEnv, key: jax.Array, mode: int | jax.Array, num_steps: int | None = None):
+def segment_key(key: jax.Array, t: jax.Array, segment: int) -> jax.Array:
+    """The expert key of the segment that step ``t`` falls in (``segment`` 0: one per episode)."""
+    return jax.random.fold_in(_raw(key), t // segment if segment else 0)
+
+
+def rollout(env: TabletopEnv, key: jax.Array, modes: int | jax.Array, segment: int = 0,
+            num_steps: int | None = None):
     """One expert episode from reset, as a compiled scan; vmap over keys and modes.
 
+    ``modes``: one mode for the whole episode (``segment`` 0), or i32 [S] with a mode per
+    segment of ``segment`` steps (segment j covers steps j*segment ... (j+1)*segment - 1; the last
+    entry repeats past the end). Each segment draws its own expert latents (detour side,
+    hesitation coins) from ``segment_key``. Per-segment modes make the demonstrations a mixture
+    at every decision state (a chunk policy re-plans every few steps and cannot know which mode
+    an episode "is in"), which is the per-step mixture a pseudo-count verifier estimates.
+
     -> dict of per-step arrays [T, ...]: "obs" (dict, the observation the action was taken
-    at), "action", "reward", "done", "success", "progress" (after the step), and "valid"
-    (the step happened before the episode ended).
+    at), "action", "mode" (the mode that took it), "reward", "done", "success", "progress"
+    (after the step), "wrong_block" (a block the instruction does not name is held after the
+    step) and "valid" (the step happened before the episode ended).
     """
     T = num_steps or env.max_steps
     k_reset, k_expert = jax.random.split(_raw(key))
+    modes = jnp.atleast_1d(jnp.asarray(modes, jnp.int32))
     state, obs = env.reset(k_reset)
 
     def body(carry, _):
         s, o = carry
-        a = expert_action(env, s, mode, k_expert)
+        seg = jnp.minimum(s.t // segment if segment else 0, modes.shape[0] - 1)
+        mode = modes[seg]
+        a = expert_action(env, s, mode, segment_key(k_expert, s.t, segment))
         s2, o2, r, d, info = env.step(s, a)
         out = {
             "obs": o,
             "action": a,
+            "mode": mode,
             "reward": r,
             "done": d,
             "success": info["success"],
             "progress": info["progress"],
+            "wrong_block": wrong_block(env, s2),
             "valid": ~s.done,
         }
         return (s2, o2), out
@@ -241,24 +260,43 @@ def rollout(env: TabletopEnv, key: jax.Array, mode: int | jax.Array, num_steps: 
     return traj
 
 
+def wrong_block(env: TabletopEnv, state: TabletopState) -> jax.Array:
+    """bool []: the gripper holds a block the instruction does not name (a grounding failure)."""
+    return jnp.sum(state.held * (1.0 - state.target) * state.obj_active) > 0
+
+
+# ---- the mode classifier --------------------------------------------------------------------
+# A chunk is labelled by the expert mode whose chunk from the same state is nearest (L2). Modes
+# with random latents (detour side, hesitation coins) are represented by PROTOTYPES draws with
+# fixed keys, the mode's distance being the nearest draw; modes whose chunks coincide at a state
+# (pi* and sloppy agree until the release) tie, and a tie splits the label evenly between them
+# instead of crediting the first mode. Data and policy chunks go through the same function.
+PROTOTYPES = 8
+_PROTOTYPE_KEY = 7
+TIE_TOL = 1e-4
+
+
 def mode_chunks(env: TabletopEnv, state: TabletopState, key: jax.Array, H: int) -> jax.Array:
-    """Every mode's next H actions from ``state`` -> f32 [n_modes, H, A], in MODES[env.task]
-    order (index 0 is pi*); `key` is the episode key the experts would use."""
+    """Every mode's next H actions from ``state`` with expert key ``key`` -> f32 [n_modes, H, A]
+    in MODES[env.task] order (index 0 is pi*)."""
     modes = jnp.arange(len(MODES[env.task]))
     return jax.vmap(lambda m: expert_chunk(env, state, m, key, H))(modes)
 
 
-def nearest_mode(chunks: jax.Array, chunk: jax.Array) -> jax.Array:
-    """Index of the mode chunk [n_modes, H, A] nearest (L2 over the whole chunk) to chunk [H, A]."""
-    dist = jnp.sum((chunks - chunk[None]) ** 2, axis=(1, 2))
-    return jnp.argmin(dist).astype(jnp.int32)
+def mode_prototypes(env: TabletopEnv, state: TabletopState, H: int) -> jax.Array:
+    """f32 [n_modes, PROTOTYPES, H, A]: each mode's chunk under PROTOTYPES fixed latent draws."""
+    keys = jax.random.split(jax.random.PRNGKey(_PROTOTYPE_KEY), PROTOTYPES)
+    return jax.vmap(lambda k: mode_chunks(env, state, k, H), out_axes=1)(keys)
 
 
-def classify_chunk(
-    env: TabletopEnv, state: TabletopState, chunk: jax.Array, key: jax.Array
-) -> jax.Array:
-    """Nearest expert mode (L2 over the whole chunk) -> i32 [] index into MODES[env.task].
+def mode_weights(prototypes: jax.Array, chunk: jax.Array) -> jax.Array:
+    """Label of ``chunk`` [H, A] against ``prototypes`` [n_modes, P, H, A] -> f32 [n_modes]:
+    1 on the nearest mode, or 1/k on each of k modes tied (within TIE_TOL) for nearest."""
+    dist = jnp.sqrt(jnp.sum((prototypes - chunk[None, None]) ** 2, axis=(2, 3))).min(1)
+    nearest = (dist <= dist.min() + TIE_TOL).astype(jnp.float32)
+    return nearest / nearest.sum()
 
-    chunk f32 [H, A]; `key` is the episode key the experts would use.
-    """
-    return nearest_mode(mode_chunks(env, state, key, chunk.shape[0]), chunk)
+
+def classify_chunk(env: TabletopEnv, state: TabletopState, chunk: jax.Array) -> jax.Array:
+    """Mode label of ``chunk`` f32 [h, A] executed from ``state`` -> f32 [n_modes] (sums to 1)."""
+    return mode_weights(mode_prototypes(env, state, chunk.shape[0]), chunk)

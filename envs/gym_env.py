@@ -45,6 +45,7 @@ class TabletopGymEnv(gymnasium.Env):
             "state": spaces.Box(-1.0, 1.0, (STATE_DIM,), np.float32),
             "instruction": spaces.Box(0, len(VOCAB) - 1, (INSTRUCTION_LEN,), np.int32),
             "task_id": spaces.Box(0, len(TASKS) - 1, (), np.int32),
+            "time": spaces.Box(0.0, 1.0, (), np.float32),
         }
         if image:
             obs_spaces["image"] = spaces.Box(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)

@@ -41,7 +41,11 @@ from envs.render import render_state
 TASKS = ("reach", "push", "pick_place", "sort")
 VARIANTS = ("nominal", "layout", "distractors", "dynamics", "paraphrase")
 REWARDS = ("sparse", "progress")
-DEFAULT_MAX_STEPS = {"reach": 60, "push": 80, "pick_place": 100, "sort": 160}
+# Time limits: pi* (every step its own) always finishes within them; the default per-step mixture
+# of demonstrations (envs.mixture.MIXTURES["premise"]) finishes in about 60% of episodes, so the
+# base policy has room to fail and a verifier room to help. Failure is mostly running out of
+# time after slow chunks (hesitant, detour) or a sloppy release that must be redone.
+DEFAULT_MAX_STEPS = {"reach": 26, "push": 42, "pick_place": 54, "sort": 80}
 
 NUM_OBJECTS = 4  # object slots (K); unused slots are inactive
 NUM_ZONES = 2  # zone slots (Z)
@@ -61,18 +65,21 @@ _SHAPE_SCALE = 0.8  # distance that maps to zero in distance-shaped progress ter
 
 # obs["state"]: gripper xy, closed, holding | per object: xy, xy - gripper xy, active, held,
 # colour one-hot | per zone: xy, xy - gripper xy, active, colour one-hot (zeros = neutral) |
-# wall x0 y0 x1 y1, active | t/T. The gripper-relative offsets are what a robot's state
+# wall x0 y0 x1 y1, active. The gripper-relative offsets are what a robot's state
 # observation usually carries too (ManiSkill's tcp_to_obj_pos): grasping needs the gap to the
 # block to within a few hundredths, which a small network reads poorly off two absolute positions.
 OBJECT_FEATURES = 6 + NUM_COLOURS
 ZONE_FEATURES = 5 + NUM_COLOURS
-STATE_DIM = 4 + NUM_OBJECTS * OBJECT_FEATURES + NUM_ZONES * ZONE_FEATURES + 5 + 1
+# The elapsed-time fraction t/T is not part of it: it is obs["time"], which critics may read
+# and base policies do not (a policy that sees t/T learns that slow modes own late steps and
+# locks itself into them).
+STATE_DIM = 4 + NUM_OBJECTS * OBJECT_FEATURES + NUM_ZONES * ZONE_FEATURES + 5
 # The entities of the state vector, in order (see state_vector): (name, count, size).
 STATE_GROUPS = (
     ("gripper", 1, 4),
     ("object", NUM_OBJECTS, OBJECT_FEATURES),
     ("zone", NUM_ZONES, ZONE_FEATURES),
-    ("scene", 1, 6),
+    ("scene", 1, 5),
 )
 assert sum(n * d for _, n, d in STATE_GROUPS) == STATE_DIM
 
@@ -399,6 +406,7 @@ class TabletopEnv:
             "state": self.state_vector(s),
             "instruction": s.instruction,
             "task_id": jnp.int32(self.task_id),
+            "time": s.t.astype(jnp.float32) / self.max_steps,
         }
         if self.image:
             obs["image"] = self.render(s)
@@ -414,7 +422,6 @@ class TabletopEnv:
         zone = jnp.concatenate(
             [s.zone_pos, zone_rel, s.zone_active[:, None], s.zone_colour], -1
         )  # [Z, ZONE_FEATURES]
-        t_frac = (s.t.astype(jnp.float32) / self.max_steps)[None]
         return jnp.concatenate(
             [
                 s.grip_pos,
@@ -424,7 +431,6 @@ class TabletopEnv:
                 zone.reshape(-1),
                 s.wall,
                 s.wall_active[None],
-                t_frac,
             ]
         )
 

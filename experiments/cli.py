@@ -20,7 +20,7 @@ def cmd_demos(args) -> None:
     from envs.dataset import summarize, write_demos
 
     manifest = write_demos(args.task, args.episodes, args.mix or None, args.seed, args.out,
-                           variant=args.variant)
+                           variant=args.variant, segment=args.segment)
     print(summarize(manifest))
 
 
@@ -34,6 +34,12 @@ def cmd_fit_verifier(args) -> None:
     from experiments.run import fit_verifier_cli
 
     fit_verifier_cli(args.name, args.policy, args.demos, args.out, args.overrides)
+
+
+def cmd_check_policy(args) -> None:
+    from experiments.run import check_policy_cli
+
+    check_policy_cli(args.policy, args.demos, args.episodes)
 
 
 def cmd_eval(args) -> None:
@@ -103,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", default="pick_place")
     s.add_argument("--variant", default="nominal")
     s.add_argument("--episodes", type=int, default=1000)
-    s.add_argument("--mix", default="", help="e.g. optimal=0.6,hesitant=0.15,detour=0.15,"
-                   "sloppy=0.1 (default: the task's mixture)")
+    s.add_argument("--mix", default="", help="premise (default), counter_premise, or "
+                   "mode=weight,... e.g. optimal=0.6,hesitant=0.2,detour=0.1,sloppy=0.1")
+    s.add_argument("--segment", type=int, default=4,
+                   help="steps per expert-mode segment (0 = one mode per episode)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_demos)
@@ -122,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("overrides", nargs="*", help="field.path=value")
     s.set_defaults(fn=cmd_fit_verifier)
+
+    s = sub.add_parser("check-policy", help="does a trained policy reproduce its data? "
+                       "(M=1 success, mode shares, wrong-block rate vs the dataset)")
+    s.add_argument("--policy", required=True, help="policy run directory")
+    s.add_argument("--demos", default=None, help="dataset (default: the policy's own)")
+    s.add_argument("--episodes", type=int, default=256)
+    s.set_defaults(fn=cmd_check_policy)
 
     s = sub.add_parser("eval", help="evaluate policy + verifier at M candidates in the harness")
     s.add_argument("--config", default=None, help="YAML file with run-config fields")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from algos.common.config import apply_overrides, from_dict, load_yaml
 from algos.sft import TrainConfig
 from experiments.harness import EvalConfig
+from experiments.reproduction import ReproductionConfig
 from experiments.scaling import ScalingConfig
 from verifiers.cfn import CFNConfig
 
@@ -22,7 +23,9 @@ class DemosConfig:
     pick_place policy's M=1 success at the same number of SFT steps: more layouts and colour
     pairings to ground the instruction in)"""
     mix: str = ""
-    """mode mixture like optimal=0.6,hesitant=0.15,... ('' = the task's default mixture)"""
+    """a named mixture (premise, counter_premise) or optimal=0.6,hesitant=0.2,... ('' = premise)"""
+    segment: int = 4
+    """steps per expert-mode segment (the mode is redrawn every segment; 0 = one per episode)"""
     seed: int = 0
 
 
@@ -42,6 +45,8 @@ class RunConfig:
     """evaluation variant; demonstrations are always collected on nominal"""
     demos: DemosConfig = field(default_factory=DemosConfig)
     policy: TrainConfig = field(default_factory=TrainConfig)
+    reproduction: ReproductionConfig = field(default_factory=ReproductionConfig)
+    """the check after SFT that the policy reproduces its data (episodes 0 = skip)"""
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -59,6 +64,11 @@ class RunConfig:
                              f"known: {known_verifiers()}")
         if self.demos.episodes < 1:
             raise ValueError(f"demos.episodes must be >= 1, got {self.demos.episodes}")
+        if self.demos.segment < 0:
+            raise ValueError(f"demos.segment must be >= 0, got {self.demos.segment}")
+        if self.reproduction.episodes < 0:
+            raise ValueError(f"reproduction.episodes must be >= 0, got "
+                             f"{self.reproduction.episodes}")
         self.train_config().validate()
         self.eval.validate(self.train_config().policy_config.horizon)
         self.scaling.validate()

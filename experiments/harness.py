@@ -126,13 +126,15 @@ def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key):
     return cands.actions[index], index, scores, cands
 
 
-def execute_chunk(env, state, obs, actions):
-    """Steps one env through ``actions`` [h, A]; returns final (state, obs) and per-step info."""
+def execute_chunk(env, state, obs, actions, probe=None):
+    """Steps one env through ``actions`` [h, A]; returns final (state, obs) and per-step
+    (reward, done, success, progress), plus ``probe(state)`` after each step when given."""
 
     def one(carry, action):
         state, obs = carry
         state, obs, reward, done, info = env.step(state, action)
-        return (state, obs), (reward, done, info["success"], info["progress"])
+        out = (reward, done, info["success"], info["progress"])
+        return (state, obs), out + ((probe(state),) if probe is not None else ())
 
     return jax.lax.scan(one, (state, obs), actions)
 
@@ -161,15 +163,23 @@ def run_episode(setup: Setup, pparams, vstate, key):
         if setup.oracle is not None:
             oracle = setup.oracle.score(None, {**obs, "env_state": state}, cands, k)
             rec["oracle_gap"] = jnp.max(oracle) - oracle[index]
+        probe = None
         if setup.expert is not None and setup.cfg.classify_modes:
-            modes = setup.expert.mode_chunks(env, state, k_expert, chunk.shape[0])
-            rec["mode"] = setup.expert.nearest_mode(modes, chunk)
+            # The executed part of the chunk, labelled by the same classifier the dataset uses
+            # on its own chunks, and the progress bin it was chosen in.
+            rec["mode_weights"] = setup.expert.classify_chunk(env, state, chunk[:h])
+            rec["progress"] = state.progress
+            probe = lambda s: setup.expert.wrong_block(env, s)
             if setup.cfg.M > 2:
-                # Does the verifier rank candidates by closeness to the pi* chunk (modes[0])?
-                # (TACO's count-vs-distance check; < 0 when higher scores go with closer chunks)
-                dist = jnp.sqrt(jnp.sum((cands.actions - modes[0][None]) ** 2, axis=(1, 2)))
+                # Does the verifier rank candidates by closeness to the pi* chunk? (TACO's
+                # count-vs-distance check; < 0 when higher scores go with closer chunks)
+                star = setup.expert.expert_chunk(env, state, 0, k_expert, chunk.shape[0])
+                dist = jnp.sqrt(jnp.sum((cands.actions - star[None]) ** 2, axis=(1, 2)))
                 rec["score_distance_rho"] = rank_correlation(scores, dist)
-        (state, obs), (_, dones, success, progress) = execute_chunk(env, state, obs, chunk[:h])
+        (state, obs), steps = execute_chunk(env, state, obs, chunk[:h], probe)
+        _, dones, success, progress = steps[:4]
+        if probe is not None:
+            rec["wrong_block"] = jnp.any(steps[4])
         return (state, obs, done | dones[-1], success[-1], progress[-1]), rec
 
     init = (state, obs, jnp.zeros((), bool), jnp.zeros((), bool), jnp.zeros((), jnp.float32))
@@ -303,11 +313,29 @@ def summarize(records: dict[str, np.ndarray], mode_names: tuple[str, ...] = ()) 
     alive = records.get("decisions/alive")
     if alive is not None and "decisions/oracle_gap" in records:
         metrics["oracle_gap"] = float(records["decisions/oracle_gap"][alive].mean())
-    if alive is not None and "decisions/mode" in records and mode_names:
-        modes = records["decisions/mode"][alive]
-        counts = np.bincount(modes, minlength=len(mode_names)) / max(len(modes), 1)
-        metrics["mode_fraction"] = {m: float(c) for m, c in zip(mode_names, counts)}
-        metrics["pi_star_fraction"] = float(counts[0])
+    if alive is not None and "decisions/mode_weights" in records and mode_names:
+        metrics.update(mode_metrics(records, mode_names))
     if alive is not None and "decisions/score_distance_rho" in records:
         metrics["score_distance_rho"] = float(records["decisions/score_distance_rho"][alive].mean())
     return metrics
+
+
+def mode_metrics(records: dict[str, np.ndarray], mode_names: tuple[str, ...]) -> dict:
+    """Executed-chunk mode shares (overall and by progress bin at the decision) and the
+    wrong-block rate (episodes that ever held a block the instruction does not name)."""
+    from envs.mixture import bin_names, mode_shares_by_bin, progress_bins
+
+    alive = records["decisions/alive"]
+    weights = records["decisions/mode_weights"][alive]
+    shares = weights.mean(0) if len(weights) else np.zeros(len(mode_names))
+    by_bin, counts = mode_shares_by_bin(progress_bins(records["decisions/progress"][alive]),
+                                        weights)
+    wrong = (records["decisions/wrong_block"] & alive).any(1)
+    return {
+        "mode_fraction": {m: float(c) for m, c in zip(mode_names, shares, strict=True)},
+        "pi_star_fraction": float(shares[0]),
+        "mode_shares_by_bin": {"modes": list(mode_names), "bins": bin_names(),
+                               "decisions": counts.tolist(),
+                               "shares": np.where(np.isnan(by_bin), None, by_bin).tolist()},
+        "wrong_block_rate": float(wrong.mean()),
+    }

@@ -17,13 +17,18 @@ def build_demos(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
     from envs.dataset import write_demos
 
     write_demos(cfg.task, cfg.demos.episodes, cfg.demos.mix or None, cfg.demos.seed,
-                str(out / "data"), overwrite=True)
+                str(out / "data"), overwrite=True, segment=cfg.demos.segment)
 
 
 def train_policy_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
+    """SFT, then the reproduction check of the policy against its data (into the run dir)."""
     from algos.sft import train_policy
+    from experiments.reproduction import check_reproduction, summarize_reproduction
 
-    train_policy(cfg.train_config(dataset=str(inputs["demos"] / "data")), str(out / "run"))
+    data = inputs["demos"] / "data"
+    run = train_policy(cfg.train_config(dataset=str(data)), str(out / "run"))
+    if cfg.reproduction.episodes:
+        print(summarize_reproduction(check_reproduction(run, data, cfg.reproduction)))
 
 
 def fit_verifier_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -55,8 +60,10 @@ def scaling_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
 
 
 DEMOS = Stage("demos", ("task", "demos"), (), build_demos)
-POLICY = Stage("policy", ("task", "demos", "policy"), ("demos",), train_policy_stage)
-VERIFIER = Stage("verifier", ("task", "demos", "policy", "verifier"), ("demos", "policy"),
+POLICY = Stage("policy", ("task", "demos", "policy", "reproduction"), ("demos",),
+               train_policy_stage)
+VERIFIER = Stage("verifier", ("task", "demos", "policy", "reproduction", "verifier"),
+                 ("demos", "policy"),
                  fit_verifier_stage)
 STAGES = [DEMOS, POLICY, VERIFIER, Stage("eval", (), ("demos", "policy", "verifier"),
                                          evaluate_stage)]

@@ -13,19 +13,25 @@ from algos.common.config import from_dict, to_dict
 from experiments.config import RunConfig
 
 MS = (1, 2, 4, 8, 16, 32)
-# likelihood needs a policy with log-probabilities; the quickstart's flow policy has none.
-VERIFIERS = ("random", "consensus", "cfn", "oracle_action", "oracle_sim")
+# likelihood needs a policy with log-probabilities; the quickstart's flow policy has none (the
+# likelihood_ar grid runs it on the token policy). oracle_action (distance to the pi* chunk) is in
+# the verifier_comparison grid; oracle_sim is the quickstart's upper reference.
+VERIFIERS = ("random", "consensus", "cfn", "oracle_sim")
 
+# 128 paired episodes per cell: every verifier sees the same initial states (eval.seed), so
+# each can be compared with random at the same M by McNemar's test in the report.
 FULL = {
     "task": "pick_place",
-    "eval": {"episodes": 64, "timing_decisions": 10},
-    "verifier": {"cfn": {"epochs": 100, "collect": {"max_states": 3000}}},
+    "eval": {"episodes": 128, "timing_decisions": 10},
+    "verifier": {"cfn": {"collect": {"max_states": 3000}}},
 }
 # A smoke-sized run (used by the tests): every stage runs, nothing is meaningful.
 FAST = {
     "task": "pick_place",
     "demos": {"episodes": 12},
+    "reproduction": {"episodes": 8},
     "policy": {"steps": 20, "steps_per_call": 10, "eval_episodes": 0, "checkpoint_every": 10,
+               "heldout_every": 10,
                "flow": {"width": 32, "depth": 1, "heads": 2, "expert_width": 16,
                         "expert_heads": 2, "num_steps": 2}},
     "verifier": {"cfn": {"epochs": 1, "hidden_dim": 32, "depth": 1, "batch_size": 64,

@@ -73,8 +73,9 @@ def _episode_rows(records: dict[str, np.ndarray]) -> str:
             row["mean_chosen_score"] = float(records["decisions/score"][i][a].mean())
             if "decisions/oracle_gap" in records:
                 row["mean_oracle_gap"] = float(records["decisions/oracle_gap"][i][a].mean())
-            if "decisions/mode" in records:
-                row["modes"] = records["decisions/mode"][i][a].tolist()
+            if "decisions/mode_weights" in records:
+                row["pi_star_share"] = float(records["decisions/mode_weights"][i][a][:, 0].mean())
+                row["wrong_block"] = bool(records["decisions/wrong_block"][i][a].any())
         rows.append(json.dumps(row))
     return "\n".join(rows) + "\n"
 
@@ -101,6 +102,8 @@ def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = 
     write_text(out / "episodes.jsonl", _episode_rows(records))
     result = {"schema": RESULT_SCHEMA, "kind": "eval", "config": to_dict(cfg),
               "policy_dir": str(policy_dir), "metrics": metrics}
+    if verifier_dir is not None:
+        result["verifier_dir"] = str(verifier_dir)
     write_json(out / "result.json", result)
     if verbose:
         print(f"[eval] {cfg.task}/{cfg.variant} verifier={cfg.verifier.name} M={cfg.eval.M}: "
@@ -181,6 +184,22 @@ def eval_cli(config_path: str | None, overrides: list[str], out: str) -> None:
     run_eval(cfg, paths["policy_dir"], paths.get("verifier_dir"), out)
 
 
+def check_policy_cli(policy_dir: str, demos: str | None, episodes: int) -> None:
+    from algos.sft import load_config
+    from experiments.reproduction import (
+        ReproductionConfig,
+        check_reproduction,
+        summarize_reproduction,
+    )
+
+    if not os.path.isfile(os.path.join(policy_dir, "config.json")):
+        raise FileNotFoundError(f"--policy: no trained policy run at {policy_dir!r}")
+    dataset = demos or load_config(policy_dir).datasets[0]
+    report = check_reproduction(policy_dir, dataset, ReproductionConfig(episodes=episodes))
+    print(summarize_reproduction(report))
+    print(f"wrote {os.path.join(policy_dir, 'reproduction.json')}")
+
+
 def scaling_cli(policy_dir: str, demos: str | None, out: str, overrides: list[str]) -> None:
     cfg = load_run_config(None, overrides)
     run_scaling(cfg, policy_dir, out)
@@ -206,8 +225,11 @@ def _bench_cfn_score_fn(policy_dir: str | None):
 
         policy = load_policy(policy_dir)[0]
     else:
+        import envs
         from policies import FlowConfig, make_policy
+        from policies.flow import PI0_PROPORTIONS
 
-        policy = make_policy("flow", FlowConfig())
+        policy = make_policy("flow", FlowConfig(**PI0_PROPORTIONS).with_spec(
+            envs.make("pick_place").spec))
     state = init_cfn(CFNConfig(), policy.feature_dim, jax.random.PRNGKey(0))
     return cfn_score_fn(state)

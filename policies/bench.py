@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from policies.flow import FlowConfig
+from policies.flow import PI0_PROPORTIONS, FlowConfig
 from policies.registry import example_obs, make_policy
 
 
@@ -32,7 +32,7 @@ def _env_obs(task: str, variant: str = "nominal", image: bool = True):
 
 def _default_policy(task: str = "pick_place"):
     env, obs = _env_obs(task)
-    policy = make_policy("flow", FlowConfig().with_spec(env.spec))
+    policy = make_policy("flow", FlowConfig(**PI0_PROPORTIONS).with_spec(env.spec))
     return policy, policy.init(jax.random.PRNGKey(0), obs), obs
 
 

@@ -8,7 +8,14 @@ import pytest
 
 from analysis.load import load_records, load_runs
 from analysis.report import make_report
-from analysis.stats import fit_power_law, rankdata, spearman, wilson_interval
+from analysis.stats import (
+    binom_cdf_half,
+    fit_power_law,
+    mcnemar,
+    rankdata,
+    spearman,
+    wilson_interval,
+)
 
 # --- Wilson --------------------------------------------------------------------------------
 
@@ -103,6 +110,61 @@ def test_spearman_known_and_vs_scipy():
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
 
 
+# --- McNemar -------------------------------------------------------------------------------
+
+
+def _vectors(n11, n10, n01, n00):
+    a = [1] * n11 + [1] * n10 + [0] * n01 + [0] * n00
+    b = [1] * n11 + [0] * n10 + [1] * n01 + [0] * n00
+    return np.array(a, bool), np.array(b, bool)
+
+
+def test_binom_cdf_half_known():
+    assert binom_cdf_half(1, 9) == pytest.approx((1 + 9) / 512, abs=0)
+    assert binom_cdf_half(0, 1) == 0.5 and binom_cdf_half(-1, 4) == 0.0
+    assert binom_cdf_half(4, 4) == 1.0
+    assert binom_cdf_half(2, 4) == (1 + 4 + 6) / 16
+
+
+def test_mcnemar_hand_computed():
+    a, b = _vectors(n11=5, n10=8, n01=1, n00=6)
+    t = mcnemar(a, b)
+    assert (t["n"], t["n10"], t["n01"], t["n11"], t["n00"]) == (20, 8, 1, 5, 6)
+    # Two-sided exact: 2 * P(X <= 1 | X ~ Bin(9, 1/2)) = 2 * (1 + 9) / 512.
+    assert t["p_value"] == pytest.approx(0.0390625, abs=1e-15)
+    assert t["rate_a"] == pytest.approx(13 / 20) and t["rate_b"] == pytest.approx(6 / 20)
+    assert t["diff"] == pytest.approx(7 / 20)
+    # Concordant pairs do not change the test.
+    assert mcnemar(*_vectors(0, 8, 1, 0))["p_value"] == t["p_value"]
+    # A balanced split is p = 1 (capped), one discordant pair too.
+    assert mcnemar(*_vectors(2, 3, 3, 2))["p_value"] == 1.0
+    assert mcnemar(*_vectors(0, 1, 0, 4))["p_value"] == 1.0
+
+
+def test_mcnemar_symmetric_and_identical():
+    a, b = _vectors(n11=3, n10=2, n01=9, n00=4)
+    ab, ba = mcnemar(a, b), mcnemar(b, a)
+    assert ab["p_value"] == ba["p_value"]
+    assert (ab["n10"], ab["n01"]) == (ba["n01"], ba["n10"])
+    assert ab["diff"] == pytest.approx(-ba["diff"])
+    same = mcnemar(a, a)
+    assert same["p_value"] == 1.0 and same["n10"] == same["n01"] == 0 and same["diff"] == 0.0
+    empty = mcnemar([], [])
+    assert empty["p_value"] == 1.0 and empty["n"] == 0 and math.isnan(empty["diff"])
+    with pytest.raises(ValueError, match="equal length"):
+        mcnemar([True, False], [True])
+
+
+def test_mcnemar_vs_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n, pa, pb in [(20, 0.5, 0.5), (64, 0.6, 0.3), (200, 0.4, 0.45), (500, 0.9, 0.8)]:
+        a, b = rng.random(n) < pa, rng.random(n) < pb
+        t = mcnemar(a, b)
+        want = stats.binomtest(t["n10"], t["n10"] + t["n01"], 0.5).pvalue
+        assert t["p_value"] == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
 # --- loading and report ---------------------------------------------------------------------
 
 
@@ -177,15 +239,22 @@ def test_report_round_trip(tmp_path):
         assert (out / fig).stat().st_size > 1000, fig
         assert f"]({fig})" in text
     assert "## Results" in text and "| verifier.name |" in text
-    assert "## Power-law fits" in text and "gaussian" in text
+    assert "## Scaling: action error vs N" in text and "gaussian" in text
     assert "## Latency per step" in text
-    # 14 result rows + header + separator in the results table.
+    # 12 eval + 1 adapter rows + header + separator; the scaling result is not a row.
     results = text.split("## Results")[1].split("##")[0]
-    assert sum(1 for line in results.splitlines() if line.startswith("|")) == 14 + 2
+    assert sum(1 for line in results.splitlines() if line.startswith("|")) == 13 + 2
+    assert "| scaling |" not in text.split("## Scaling")[0]
+    # The error-vs-N figure sits in the scaling section, next to the fit table.
+    scaling = text.split("## Scaling")[1].split("\n## ")[0]
+    assert "](fig_error_vs_N.png)" in scaling
     # Fitted exponent near the truth appears in the fit table.
-    fit_line = next(line for line in text.splitlines() if line.startswith("| gaussian"))
-    b = float(fit_line.split("|")[5])
+    header = next(line for line in scaling.splitlines() if line.startswith("| method"))
+    cols = [c.strip() for c in header.split("|")]
+    fit_line = next(line for line in scaling.splitlines() if line.startswith("| gaussian"))
+    b = float(fit_line.split("|")[cols.index("b")])
     assert b == pytest.approx(-0.3, abs=0.05)
+    assert "b 95% CI" in cols and "R²" in cols
 
 
 def test_report_single_run_in_place(tmp_path):

@@ -34,14 +34,19 @@ def calibration(cfg, k, f, nmax):
 
 
 # Tolerance: the slope of log(||f||^2/d) on log n is shallower than -1 when the net cannot fit
-# single-visit clusters exactly (finite capacity/training; dropout); both sizes below gave
-# -0.83 to -0.88 in development, so the assertion is [-1.25, -0.7] rather than an exact -1.
-FAST = dict(hidden_dim=64, depth=1, dropout=0.0, batch_size=128, epochs=400)
+# single-visit clusters exactly (finite capacity and training), so the assertion is a range
+# rather than an exact -1. Tolerances are unchanged from the earlier hand-picked configs; with
+# the shipped defaults the measured values are: fast rho 0.922, slope -0.82, OOD ||f||^2/d
+# 0.65 (no prior 0.14); slow rho 0.981, slope -0.92, OOD 0.45 (no prior 0.02).
+#
+# Both variants run the SHIPPED defaults CFNConfig() (the head that fit_cfn deploys); the fast
+# one only at reduced width, on a smaller problem.
+FAST_CFG = replace(CFNConfig(), hidden_dim=32)
 
 
 def test_count_calibration_fast():
-    rho, slope, ood = calibration(CFNConfig(**FAST), k=50, f=16, nmax=50)
-    rho_np, slope_np, ood_np = calibration(CFNConfig(**FAST, use_prior=False), k=50, f=16,
+    rho, slope, ood = calibration(FAST_CFG, k=50, f=16, nmax=50)
+    rho_np, slope_np, ood_np = calibration(replace(FAST_CFG, use_prior=False), k=50, f=16,
                                            nmax=50)
     print(f"prior: rho={rho:.3f} slope={slope:.3f} ood={ood:.3f}; "
           f"no prior: rho={rho_np:.3f} slope={slope_np:.3f} ood={ood_np:.3f}")
@@ -55,12 +60,10 @@ def test_count_calibration_fast():
 
 @pytest.mark.slow
 def test_count_calibration_slow():
-    cfg = CFNConfig(hidden_dim=256, depth=2, epochs=100)
+    cfg = CFNConfig()  # the shipped defaults
     rho, slope, ood = calibration(cfg, k=200, f=32, nmax=200)
     _, _, ood_np = calibration(replace(cfg, use_prior=False), 200, 32, 200)
     print(f"rho={rho:.3f} slope={slope:.3f} ood prior={ood:.3f} no prior={ood_np:.3f}")
     assert rho > 0.9
     assert -1.25 < slope < -0.7
     assert abs(np.log(ood)) < 0.5 * abs(np.log(ood_np))
-
-

@@ -6,43 +6,41 @@ import os
 import numpy as np
 import pytest
 
-from envs import STATE_DIM
+from envs import STATE_DIM, mixture
 from envs import dataset as ds
-from envs.dataset import (
-    DEFAULT_MIX,
-    Dataset,
-    combine,
-    load_demos,
-    parse_mix,
-    summarize,
-    validate_mix,
-    write_demos,
-)
+from envs.dataset import Dataset, combine, load_demos, summarize, write_demos
+from envs.mixture import DEFAULT_MIX, MIXTURES, parse_mix, validate_mix
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demos") / "pick_place"
     mix = {"optimal": 0.5, "wrong_object": 0.5}
-    manifest = write_demos("pick_place", 6, mix, seed=3, out_dir=str(out))
+    # one mode per episode (segment 0), so each episode's outcome is its mode's
+    manifest = write_demos("pick_place", 6, mix, seed=3, out_dir=str(out), segment=0)
     return out, manifest
 
 
 def test_parse_and_validate_mix():
     assert parse_mix("optimal=0.6, hesitant=0.4") == {"optimal": 0.6, "hesitant": 0.4}
-    for task, mix in DEFAULT_MIX.items():
-        assert max(mix, key=mix.get) == "optimal"
-        assert validate_mix(task, mix) == mix
+    for task in ("reach", "push", "pick_place", "sort"):
+        for name, mix in MIXTURES.items():
+            assert validate_mix(task, name) == mix
+    premise, counter = MIXTURES[DEFAULT_MIX], MIXTURES["counter_premise"]
+    assert max(premise, key=premise.get) == "optimal"
+    assert max(counter, key=counter.get) != "optimal"
     assert validate_mix("push", "optimal=0.5,sloppy=0.5") == {"optimal": 0.5, "sloppy": 0.5}
 
 
 @pytest.mark.parametrize(
     "task, mix, match",
     [
-        ("pick_place", "optimal0.6", "malformed"),
+        ("pick_place", "optimal0.6", "unknown mixture"),
+        ("pick_place", "optimal=0.6,=0.4", "malformed"),
         ("pick_place", "optimal=abc", "not a number"),
         ("pick_place", "optimal=0.5,optimal=0.5", "twice"),
-        ("pick_place", "", "empty"),
+        ("pick_place", "", "unknown mixture"),
+        ("pick_place", "premis", "unknown mixture"),
         ("pick_place", "optimal=0.6,hesitant=0.3", "sum to 1"),
         ("pick_place", "optimal=1.2,hesitant=-0.2", ">= 0"),
         ("push", "optimal=0.5,wrong_object=0.5", "allowed"),
@@ -92,15 +90,18 @@ def test_round_trip(demo_dir):
     assert d["image"].dtype == np.uint8 and d["image"].shape[1:] == (64, 64, 3)
     assert d["state"].shape[1:] == (STATE_DIM,) and d["instruction"].dtype == np.int32
     assert set(np.unique(d.episodes["mode"])) <= {0, 4}
-    # pi* episodes succeed, wrong_object ones fail; the manifest agrees with the arrays
-    for mode, name in ((0, "optimal"), (4, "wrong_object")):
-        sel = d.episodes["mode"] == mode
-        assert manifest["per_mode"][name]["episodes"] == int(sel.sum())
-        if sel.any():
-            rate = float(d.episodes["success"][sel].mean())
-            assert manifest["per_mode"][name]["success_rate"] == rate
+    # pi* episodes succeed, wrong_object ones fail and hold the wrong block; the per-step mode
+    # is the episode's; the manifest agrees with the arrays
     assert np.all(d.episodes["success"][d.episodes["mode"] == 0])
     assert not np.any(d.episodes["success"][d.episodes["mode"] == 4])
+    np.testing.assert_array_equal(d.episodes["wrong_block"], d.episodes["mode"] == 4)
+    assert manifest["success_rate"] == float(d.episodes["success"].mean())
+    assert manifest["wrong_block_rate"] == float(d.episodes["wrong_block"].mean())
+    np.testing.assert_array_equal(d["mode"], d.episodes["mode"][d["episode"]])
+    # decision steps every 4 steps, each with a label that sums to 1
+    np.testing.assert_array_equal(d["decision"], d["t"] % 4 == 0)
+    np.testing.assert_allclose(d["mode_label"][d["decision"]].sum(1), 1.0, atol=1e-6)
+    assert not d["mode_label"][~d["decision"]].any()
     for i, sl in enumerate(d.episode_slices):
         assert np.all(d["episode"][sl] == i)
         np.testing.assert_array_equal(d["t"][sl], np.arange(sl.stop - sl.start))
@@ -113,9 +114,58 @@ def test_round_trip(demo_dir):
     assert "pick_place" in summarize(manifest) and "wrong_object" in summarize(manifest)
 
 
+def test_mode_shares_by_bin_known_answer():
+    progress = np.array([0.05, 0.1, 0.5, 0.99, 1.0])
+    bins = mixture.progress_bins(progress)
+    np.testing.assert_array_equal(bins, [0, 0, 2, 4, 4])
+    weights = np.array([[1, 0], [0.5, 0.5], [0, 1], [1, 0], [1, 0]], float)
+    shares, counts = mixture.mode_shares_by_bin(bins, weights)
+    np.testing.assert_array_equal(counts, [2, 0, 1, 0, 2])
+    np.testing.assert_allclose(shares[[0, 2, 4]], [[0.75, 0.25], [0, 1], [1, 0]])
+    assert np.isnan(shares[1]).all() and np.isnan(shares[3]).all()
+
+
+def test_premise_check_known_answer():
+    counts = np.array([100, 100, 10])
+    ok = np.array([[0.6, 0.2, 0.2], [0.55, 0.25, 0.2], [0.1, 0.9, 0.0]])  # bin 2 too small
+    assert mixture.premise_check(ok, counts)["passed"]
+    low = ok.copy()
+    low[1] = [0.45, 0.3, 0.25]
+    res = mixture.premise_check(low, counts)
+    assert not res["passed"] and res["pi_star_min"] == 0.45 and res["failure_max"] == 0.3
+
+
+def test_label_accuracy_known_answer():
+    true = np.array([0, 0, 1])
+    labels = np.array([[1, 0], [0.5, 0.5], [0, 1]], float)
+    acc = mixture.label_accuracy(true, labels, ("optimal", "hesitant"))
+    assert acc["optimal"]["accuracy"] == 0.75 and acc["hesitant"]["accuracy"] == 1.0
+    assert acc["optimal"]["labelled_as"]["hesitant"] == 0.25
+
+
+@pytest.mark.slow
+def test_default_mixture_is_pi_star_dominant_per_step_and_counter_premise_is_not(tmp_path):
+    """The premise, decided from the data alone: at decision steps, in every progress bin, pi*
+    holds 50-70% of the steps and no failure mode more than 25%; the counter-premise mixture
+    has a failure mode densest in every bin. The data's success leaves the policy room."""
+    premise = write_demos("pick_place", 1000, None, 0, str(tmp_path / "p"), image=False)
+    assert premise["premise"]["passed"], premise["premise"]
+    assert 0.4 <= premise["success_rate"] <= 0.8
+    counter = write_demos("pick_place", 1000, "counter_premise", 0, str(tmp_path / "c"),
+                          image=False)
+    shares = np.array(counter["mode_shares"]["true"])
+    assert not counter["premise"]["passed"]
+    assert np.all(shares[:, 3] > shares[:, 0])  # sloppy above pi* in every bin
+    # the classifier recognises the slow modes it is asked to tell apart
+    for p in (premise, counter):
+        for mode in ("hesitant", "detour"):
+            assert p["label_accuracy"][mode]["accuracy"] > 0.9
+
+
 def test_same_seed_same_data(demo_dir, tmp_path):
     out, _ = demo_dir
-    write_demos("pick_place", 6, {"optimal": 0.5, "wrong_object": 0.5}, 3, str(tmp_path / "b"))
+    write_demos("pick_place", 6, {"optimal": 0.5, "wrong_object": 0.5}, 3, str(tmp_path / "b"),
+                segment=0)
     a, b = load_demos(str(out)), load_demos(str(tmp_path / "b"))
     for k in a.steps:
         np.testing.assert_array_equal(a.steps[k], b.steps[k])
@@ -129,6 +179,8 @@ def test_chunks_known_answer():
         "state": np.zeros((5, STATE_DIM), np.float32),
         "episode": np.array([0, 0, 0, 1, 1], np.int32),
         "t": np.array([0, 1, 2, 0, 1], np.int32),
+        "mode": np.array([0, 0, 0, 3, 3], np.int32),
+        "decision": np.array([1, 0, 0, 1, 0], bool),
     }
     eps = {
         "mode": np.array([0, 3], np.int32),

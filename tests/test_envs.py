@@ -14,11 +14,11 @@ from envs.tabletop import CONTACT, SPEED
 
 
 def test_constants_and_spec():
-    assert STATE_DIM == 68
+    assert STATE_DIM == 67
     assert envs.INSTRUCTION_LEN == 16
     assert VOCAB[0] == "<pad>" and len(set(VOCAB)) == len(VOCAB)
     spec = make("sort").spec
-    assert (spec.state_dim, spec.action_dim, spec.instruction_len) == (68, 3, 16)
+    assert (spec.state_dim, spec.action_dim, spec.instruction_len) == (67, 3, 16)
     assert spec.vocab_size == len(VOCAB) and spec.num_tasks == 4 and spec.max_steps == 160
     assert make("pick_place", max_steps=7).spec.max_steps == 7
 
@@ -259,7 +259,7 @@ def test_gym_env_checker(env_id):
     env = gymnasium.make(env_id, variant="nominal", image=True)
     check_env(env.unwrapped, skip_render_check=True)
     obs, info = env.reset(seed=1)
-    assert set(obs) == {"state", "image", "instruction", "task_id"}
+    assert set(obs) == {"state", "image", "instruction", "task_id", "time"}
     obs, r, term, trunc, info = env.step(env.action_space.sample())
     assert {"success", "progress", "env_state"} <= set(info)
     assert isinstance(info["env_state"], envs.TabletopState)

@@ -302,3 +302,14 @@ def test_ray_backend_matches_local(tmp_path):
     pd.testing.assert_frame_equal(local, ray_df)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "local" / "results.parquet"),
                                   pd.read_parquet(tmp_path / "ray" / "results.parquet"))
+
+
+@pytest.mark.parametrize("path", sorted(Path("experiments/grids").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_grid_specs_expand_to_valid_configs(path):
+    from experiments.config import RunConfig
+
+    cells = expand(str(path), RunConfig)
+    assert cells
+    for cell in cells:
+        cell.config.validate()

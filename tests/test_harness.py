@@ -58,12 +58,17 @@ def test_records_and_summary(tiny):
     setup = _setup(env, policy, make_verifier("random"), M=2, episodes=3, replan=4)
     rec = evaluate_compiled(setup, params, None)
     n_dec = setup.num_decisions
-    assert rec["success"].shape == (3,) and rec["decisions/mode"].shape == (3, n_dec)
+    n_modes = len(experts.MODES["reach"])
+    assert rec["success"].shape == (3,)
+    assert rec["decisions/mode_weights"].shape == (3, n_dec, n_modes)
+    np.testing.assert_allclose(rec["decisions/mode_weights"].sum(-1), 1.0, atol=1e-6)
     assert np.all(rec["decisions/oracle_gap"] >= -1e-6)  # the oracle's best is never beaten
     assert np.all((rec["length"] >= 1) & (rec["length"] <= 12))
     m = summarize(rec, experts.MODES["reach"])
     assert 0.0 <= m["success_ci_low"] <= m["success_rate"] <= m["success_ci_high"] <= 1.0
     assert abs(sum(m["mode_fraction"].values()) - 1.0) < 1e-6
+    assert 0.0 <= m["wrong_block_rate"] <= 1.0
+    assert sum(m["mode_shares_by_bin"]["decisions"]) == int(rec["decisions/alive"].sum())
     # Determinism: the same seed gives the same records.
     again = evaluate_compiled(setup, params, None)
     jax.tree.map(np.testing.assert_array_equal, rec, again)

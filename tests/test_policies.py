@@ -8,7 +8,7 @@ import pytest
 import envs
 from policies import ARConfig, FlowConfig, example_obs, make_policy
 from policies.autoregressive import detokenize_actions, tokenize_actions
-from policies.flow import flow_matching_loss, flow_path
+from policies.flow import PI0_PROPORTIONS, flow_matching_loss, flow_path
 from policies.layers import fourier_features
 
 SIZES = dict(state_dim=5, instruction_len=6, vocab_size=20, num_tasks=3, horizon=4)
@@ -137,10 +137,12 @@ def test_fourier_features_known_answer():
     assert fourier_features(jnp.zeros((3, 7)), 6).shape == (3, 7 * 13)
 
 
-def test_flow_flop_proportions_default_sizes():
-    # The default policy on the built-in suite: 16 patches + 16 instruction tokens + 8 entity
-    # tokens. pi0's prefix costs about ten times the K expert passes of one candidate.
-    pol = make_policy("flow", FlowConfig().with_spec(envs.make("pick_place").spec))
+def test_flow_flop_proportions_pi0_sizes():
+    # The benchmark's pi0-proportioned policy on the built-in suite: 16 patches + 16 instruction
+    # tokens + 8 entity tokens. pi0's prefix costs about ten times the K expert passes of one
+    # candidate.
+    cfg = FlowConfig(**PI0_PROPORTIONS).with_spec(envs.make("pick_place").spec)
+    pol = make_policy("flow", cfg)
     f = pol.flop_counts()
     p, s = f["prefix"], f["expert_per_candidate"]
     assert 8 <= p / s <= 12

@@ -21,8 +21,11 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert "success" in text.lower() and ".png" in text
     table = pd.read_parquet(out / "results.parquet")
     assert (table["status"] == "done").all()
-    assert set(table["verifier.name"]) == {"random", "consensus", "cfn", "oracle_action",
-                                           "oracle_sim"}
+    assert set(table["verifier.name"]) == {"random", "consensus", "cfn", "oracle_sim"}
+    # the report pairs every verifier with random and shows the policy's reproduction check
+    assert "Paired comparison" in text and "reproduction" in text.lower()
+    policy_runs = list((out / "stages" / "policy").glob("*/run/reproduction.json"))
+    assert len(policy_runs) == 1
     scaling = json.loads((out / "scaling" / "result.json").read_text())
     assert set(scaling["curves"]["methods"]) == {"policy", "gaussian"}
     # Rerunning finds everything done and recomputes nothing.

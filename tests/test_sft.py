@@ -146,3 +146,32 @@ def test_rollout_success_known_answers():
     slow = rollout_success(env, ConstPolicy(0.3), None, key, episodes=2, replan=4)
     assert float(slow["success_rate"]) == 0.0
     assert float(slow["progress"]) == pytest.approx(0.72, abs=1e-5)
+
+
+def test_heldout_split_is_a_fixed_fraction_of_episodes():
+    from algos.sft import heldout_episodes
+
+    ep = np.arange(20_000)
+    held = heldout_episodes(ep, 0.05)
+    assert abs(held.mean() - 0.05) < 0.005
+    np.testing.assert_array_equal(held, heldout_episodes(ep, 0.05))  # no seed, no drift
+    assert not heldout_episodes(ep, 0.0).any()
+
+
+def test_heldout_loss_is_logged_and_deterministic(tmp_path, data):
+    d = dict(data, heldout=np.arange(len(data["actions"])) % 4 == 0)
+    rows = []
+    for name in ("a", "b"):
+        train_policy(tiny_cfg(heldout_every=4), str(tmp_path / name), data=dict(d),
+                     progress=False)
+        rows.append([r for r in read_metrics(str(tmp_path / name)) if "heldout/loss" in r])
+    assert [r["step"] for r in rows[0]] == [4, 8]
+    assert rows[0][0]["heldout/chunks"] == 64
+    assert rows[0] == rows[1]  # fixed (t, noise) draws: the same params give the same loss
+
+
+def test_bad_dataset_leaves_no_run_directory(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="manifest.json"):
+        train_policy(tiny_cfg(datasets=(str(tmp_path / "missing"),)), str(out), progress=False)
+    assert not out.exists()

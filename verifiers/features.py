@@ -138,3 +138,31 @@ def collect_features(
             "flow_noise_bank": takes_noise(policy), "kept_dist_mean": float(dist.mean()),
             "kept_dist_median": float(np.median(dist))}
     return features, info
+
+
+def feature_spread(
+    policy: Any, params: Any, data: dict, key: jax.Array, num_states: int = 16,
+    num_samples: int = 16,
+) -> np.ndarray:
+    """The policy's own sampling spread of its feature, per dimension: f32 [F].
+
+    At ``num_states`` random dataset states the policy draws ``num_samples`` candidates
+    (``policy.sample`` as at test time: its own noise, e.g. the fixed bank); the per-state,
+    per-dimension std across the candidates is averaged in quadrature over the states. This is
+    how far apart the features of several visits of one state lie (the perturbation of
+    ``verifiers.cfn.count_check``). One jitted ``vmap`` over the states."""
+    if num_states < 1 or num_samples < 2:
+        raise ValueError(f"feature_spread: need num_states >= 1 and num_samples >= 2, got "
+                         f"{num_states}, {num_samples}")
+    n = np.asarray(data["actions"]).shape[0]
+    k_sub, k_q = jax.random.split(key)
+    rows = np.sort(np.asarray(jax.random.permutation(k_sub, n)[: min(num_states, n)]))
+    ob = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[rows]), data["obs"])
+    keys = jax.random.split(k_q, len(rows))
+
+    def per_state(params, obs, k):
+        f = policy.sample(params, policy.encode(params, obs), k, num_samples).features
+        return jnp.var(f.astype(jnp.float32), axis=0)  # [F]
+
+    var = jax.jit(jax.vmap(per_state, in_axes=(None, 0, 0)))(params, ob, keys)
+    return np.sqrt(np.asarray(jnp.mean(var, axis=0))).astype(np.float32)
