@@ -26,6 +26,8 @@ class DemosConfig:
     """a named mixture (premise, counter_premise) or optimal=0.6,hesitant=0.2,... ('' = premise)"""
     segment: int = 4
     """steps per expert-mode segment (the mode is redrawn every segment; 0 = one per episode)"""
+    image: bool = False
+    """store the 64x64 renders (needed only by policies with policy.flow.image=true)"""
     seed: int = 0
 
 
@@ -66,6 +68,9 @@ class RunConfig:
             raise ValueError(f"demos.episodes must be >= 1, got {self.demos.episodes}")
         if self.demos.segment < 0:
             raise ValueError(f"demos.segment must be >= 0, got {self.demos.segment}")
+        if self.train_config().policy_config.image and not self.demos.image:
+            raise ValueError("policy.*.image=true needs demonstrations with renders: set "
+                             "demos.image=true")
         if self.reproduction.episodes < 0:
             raise ValueError(f"reproduction.episodes must be >= 0, got "
                              f"{self.reproduction.episodes}")

@@ -17,7 +17,8 @@ def build_demos(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
     from envs.dataset import write_demos
 
     write_demos(cfg.task, cfg.demos.episodes, cfg.demos.mix or None, cfg.demos.seed,
-                str(out / "data"), overwrite=True, segment=cfg.demos.segment)
+                str(out / "data"), image=cfg.demos.image, overwrite=True,
+                segment=cfg.demos.segment)
 
 
 def train_policy_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:

@@ -23,7 +23,6 @@ VERIFIERS = ("random", "consensus", "cfn", "oracle_sim")
 FULL = {
     "task": "pick_place",
     "eval": {"episodes": 128, "timing_decisions": 10},
-    "verifier": {"cfn": {"collect": {"max_states": 3000}}},
 }
 # A smoke-sized run (used by the tests): every stage runs, nothing is meaningful.
 FAST = {

@@ -123,7 +123,8 @@ def run_scaling(cfg: RunConfig, policy_dir, out_dir, episodes: int = 40) -> dict
     heldout = out / "heldout_demos"
     if not (heldout / "manifest.json").exists():
         write_demos(cfg.task, episodes, cfg.demos.mix or None, cfg.demos.seed + 10_000,
-                    str(heldout), overwrite=True)
+                    str(heldout), image=bool(getattr(policy.cfg, "image", False)), overwrite=True,
+                    segment=cfg.demos.segment)
     chunks = load_demos(str(heldout)).chunks(policy.horizon)
     t0 = time.perf_counter()
     curves = scaling_study(policy, params, chunks, cfg.scaling)

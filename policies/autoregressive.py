@@ -55,7 +55,9 @@ class ARConfig:
     horizon: int = 8
     """H, actions per chunk"""
     action_dim: int = 3
-    image: bool = True
+    image: bool = False
+    """use the 64x64 render as patch tokens (off by default, as for the flow policy: the
+    tabletop state carries the scene)"""
     image_size: int = 64
     patch_size: int = 8
     width: int = 128

@@ -19,7 +19,7 @@ def test_constants_and_spec():
     assert VOCAB[0] == "<pad>" and len(set(VOCAB)) == len(VOCAB)
     spec = make("sort").spec
     assert (spec.state_dim, spec.action_dim, spec.instruction_len) == (67, 3, 16)
-    assert spec.vocab_size == len(VOCAB) and spec.num_tasks == 4 and spec.max_steps == 160
+    assert spec.vocab_size == len(VOCAB) and spec.num_tasks == 4 and spec.max_steps == 80
     assert make("pick_place", max_steps=7).spec.max_steps == 7
 
 

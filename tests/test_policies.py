@@ -11,7 +11,7 @@ from policies.autoregressive import detokenize_actions, tokenize_actions
 from policies.flow import PI0_PROPORTIONS, flow_matching_loss, flow_path
 from policies.layers import fourier_features
 
-SIZES = dict(state_dim=5, instruction_len=6, vocab_size=20, num_tasks=3, horizon=4)
+SIZES = dict(state_dim=5, instruction_len=6, vocab_size=20, num_tasks=3, horizon=4, image=True)
 TINY_FLOW = FlowConfig(**SIZES, patch_size=16, width=32, depth=1, heads=2, expert_width=16,
                        expert_depth=1, expert_heads=2, num_steps=4)
 TINY_AR = ARConfig(**SIZES, patch_size=16, width=32, depth=2, heads=2)
