@@ -9,6 +9,7 @@ Run directory:
     config.json      the resolved TrainConfig (policy sizes filled in)
     metrics.jsonl    one row per log point / evaluation
     ckpt/<step>/     Orbax checkpoints, the last ``keep_last`` kept
+    policy/          the finished policy (``policies.load_policy``), exported at the last step
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import numpy as np
 import optax
 from flax import struct
 
-from algos.checkpoint import Checkpointer
-from algos.common.config import from_dict, to_dict
-from algos.common.io import write_text
-from policies import ARConfig, FlowConfig, example_obs, make_policy
+from core.checkpoint import Checkpointer
+from core.config import from_dict, to_dict
+from core.io import write_text
+from envs.rollout import decision_keys, episode_keys, num_decisions, unroll
+from policies import ARConfig, FlowConfig, example_obs, make_policy, save_policy
+from policies.registry import POLICY_FILE
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class TrainConfig:
     eval_episodes: int = 32
     eval_replan: int = 4
     """actions executed per chunk before replanning during evaluation"""
+    eval_seed: int = 1000
+    """evaluation episodes start from the harness's indexed initial states of this seed (the
+    harness's eval.seed), so the in-training success is the harness's M = 1 figure"""
     checkpoint_every: int = 500
     keep_last: int = 2
     seed: int = 0
@@ -203,7 +209,7 @@ def init_state(policy, cfg: TrainConfig, tx) -> TrainState:
 
 # fields that do not change the compiled update; reset so runs that differ only in them
 # (seeds, logging, evaluation) share one compilation within a process
-_HOST_FIELDS = dict(seed=0, log_every=1, eval_every=0, eval_episodes=0, eval_replan=1,
+_HOST_FIELDS = dict(seed=0, log_every=1, eval_every=0, eval_episodes=0, eval_replan=1, eval_seed=0,
                     heldout=0.0, heldout_every=0,
                     checkpoint_every=1, keep_last=1, steps_per_call=1, tasks=("",), datasets=(),
                     variant="")
@@ -243,34 +249,18 @@ def _make_update(policy, cfg: TrainConfig):
     return jax.jit(update, static_argnames="n", donate_argnums=0)
 
 
-def rollout_success(env, policy, params, key, episodes: int, replan: int) -> dict:
-    """M = 1 closed-loop success: vmap over episodes, scan over decisions, scan over the
-    ``replan`` executed actions of each chunk. Returns mean success and progress."""
-    decisions = -(-env.spec.max_steps // replan)
-    k_reset, k_act = jax.random.split(key)
-    state, obs = jax.vmap(env.reset)(jax.random.split(k_reset, episodes))
+def rollout_success(env, policy, params, seed: int, episodes: int, replan: int) -> dict:
+    """M = 1 closed-loop success and final progress over episodes 0..episodes-1 of ``seed``:
+    the harness's initial states and decision keys (``envs.rollout``), vmapped over episodes."""
 
-    def decide(o, k):
-        cand = policy.sample(params, policy.encode(params, o), k, 1)
-        return cand.actions[0]  # [H, A]
+    def decide(state, obs, k_episode, k):
+        k_sample = decision_keys(k)[0]
+        return policy.sample(params, policy.encode(params, obs), k_sample, 1).actions[0], {}
 
-    def act(carry, i):
-        state, obs, succ, prog = carry
-        keys = jax.random.split(jax.random.fold_in(k_act, i), episodes)
-        chunk = jax.vmap(decide)(obs, keys)  # [B, H, A]
-
-        def env_step(c, a):
-            s, o, sc, pg = c
-            s, o, _, _, info = jax.vmap(env.step)(s, a)
-            return (s, o, sc | info["success"], jnp.maximum(pg, info["progress"])), None
-
-        carry, _ = jax.lax.scan(env_step, (state, obs, succ, prog),
-                                jnp.swapaxes(chunk[:, :replan], 0, 1))
-        return carry, None
-
-    init = (state, obs, jnp.zeros((episodes,), bool), jnp.zeros((episodes,)))
-    (_, _, succ, prog), _ = jax.lax.scan(act, init, jnp.arange(decisions))
-    return {"success_rate": succ.mean(), "progress": prog.mean()}
+    decisions = num_decisions(env.spec.max_steps, replan)
+    episode = lambda key: unroll(env, key, decide, decisions, replan)[1:3]
+    success, progress = jax.vmap(episode)(episode_keys(seed, episodes))
+    return {"success_rate": success.mean(), "progress": progress.mean()}
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -343,16 +333,17 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
         _truncate_metrics(metrics_path, int(state.step))
         if int(state.step) == cfg.steps and _has_final(metrics_path):
             ckpt.close()
+            _export(run_dir, policy, cfg, state)
             return run_dir  # already finished
     update = make_update(policy, cfg, tx)
     heldout_loss = heldout_loss_fn(policy) if heldout is not None else None
-    evaluate = jax.jit(lambda p, k: rollout_success(env, policy, p, k, cfg.eval_episodes,
-                                                    cfg.eval_replan))
+    evaluate = jax.jit(lambda p: rollout_success(env, policy, p, cfg.eval_seed,
+                                                 cfg.eval_episodes, cfg.eval_replan))
 
     def run_eval(step):
         t0 = time.perf_counter()
         p = state.ema if cfg.ema_decay > 0 else state.params
-        res = jax.device_get(evaluate(p, jax.random.PRNGKey(10_000 + cfg.seed)))
+        res = jax.device_get(evaluate(p))
         row = {"step": step, "eval/success_rate": float(res["success_rate"]),
                "eval/progress": float(res["progress"]), "eval/n_episodes": cfg.eval_episodes,
                "time/eval_s": time.perf_counter() - t0}
@@ -403,7 +394,16 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
         _log(metrics_path, {"step": step, "final": True, **{k: v for k, v in row.items()
                                                               if k != "step"}})
     ckpt.close()
+    if step == cfg.steps:
+        _export(run_dir, policy, cfg, state)
     return run_dir
+
+
+def _export(run_dir: str, policy, cfg: TrainConfig, state: TrainState) -> None:
+    """The finished policy as a policy artifact (``run_dir/policy``), what evaluation loads."""
+    if not os.path.isfile(os.path.join(run_dir, "policy", POLICY_FILE)):
+        save_policy(os.path.join(run_dir, "policy"), policy,
+                    state.ema if cfg.ema_decay > 0 else state.params)
 
 
 def load_config(run_dir: str) -> TrainConfig:
@@ -411,8 +411,9 @@ def load_config(run_dir: str) -> TrainConfig:
         return from_dict(TrainConfig, json.load(f))
 
 
-def load_policy(run_dir: str, step: int | None = None):
-    """(policy, params, cfg) of a trained run; params are the EMA when EMA was on."""
+def load_checkpoint(run_dir: str, step: int | None = None):
+    """(policy, params, cfg) from a training checkpoint (params are the EMA when EMA was on).
+    Readers of a finished policy use ``policies.load_policy`` on the exported artifact."""
     cfg = load_config(run_dir)
     policy = make_policy(cfg.policy, cfg.policy_config)
     tx = make_optimizer(cfg)

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.stats import fit_power_law, wilson_interval  # noqa: E402
+from core.stats import fit_power_law, wilson_interval  # noqa: E402
 
 M_COLUMNS = ("eval.M", "harness.M", "M")
 VERIFIER_COLUMNS = ("verifier.name", "verifier")

@@ -38,7 +38,7 @@ from analysis.plots import (
     plot_success_vs_m,
     scaling_curves,
 )
-from analysis.stats import mcnemar
+from core.stats import mcnemar
 
 REPORT_FILE = "report.md"
 REPRODUCTION_FILE = "reproduction.json"

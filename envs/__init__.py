@@ -1,12 +1,15 @@
 """Task suites behind one functional interface, scripted experts and demonstration datasets.
 
-``import envs`` registers the gymnasium ids ``steerlab/Reach-v0``, ``steerlab/Push-v0``,
-``steerlab/PickPlace-v0`` and ``steerlab/Sort-v0``.
+``import envs`` registers the env suite ``tabletop`` (``envs.get_suite``) and the gymnasium
+ids ``steerlab/Reach-v0``, ``steerlab/Push-v0``, ``steerlab/PickPlace-v0`` and
+``steerlab/Sort-v0``.
 """
 
+from envs import experts
 from envs.base import ACTION_DIM, IMAGE_SIZE, EnvSpec, FunctionalEnv
 from envs.gym_env import GYM_IDS, TabletopGymEnv, register  # noqa: E402  (after make)
 from envs.language import COLOURS, INSTRUCTION_LEN, VOCAB, decode_instruction, tokenize
+from envs.registry import SUITES, EnvSuite, get_suite, register_suite
 from envs.tabletop import (
     DEFAULT_MAX_STEPS,
     REWARDS,
@@ -19,6 +22,7 @@ from envs.tabletop import (
 )
 
 register()
+register_suite(EnvSuite("tabletop", make, TASKS, VARIANTS, experts=experts))
 
 __all__ = [
     "ACTION_DIM",
@@ -32,12 +36,15 @@ __all__ = [
     "TASKS",
     "VARIANTS",
     "VOCAB",
+    "SUITES",
     "EnvSpec",
+    "EnvSuite",
     "FunctionalEnv",
     "TabletopEnv",
     "TabletopGymEnv",
     "TabletopState",
     "decode_instruction",
+    "get_suite",
     "make",
     "tokenize",
 ]

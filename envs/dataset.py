@@ -47,6 +47,7 @@ from envs.mixture import (
     validate_mix,
 )
 from envs.tabletop import make
+from envs.transitions import transitions as _transitions
 
 SCHEMA_VERSION = 2
 DEFAULT_SEGMENT = 4
@@ -310,6 +311,10 @@ class Dataset:
             "decision": self.steps["decision"].astype(bool),
             "episode": ep.astype(np.int32),
         }
+
+    def transitions(self, H: int, replan: int, gamma: float) -> dict:
+        """Per-decision transitions for chunk-level Q-learning (see ``envs.transitions``)."""
+        return _transitions(self, H, replan, gamma)
 
 
 def _fail(path: str, what: str):

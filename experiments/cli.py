@@ -8,7 +8,7 @@ import sys
 
 
 def _print_json(data: dict, path: str | None) -> None:
-    from algos.common.io import write_json
+    from core.io import write_json
 
     print(json.dumps(data, indent=2))
     if path:
@@ -62,7 +62,8 @@ def cmd_bench(args) -> None:
     else:
         from experiments.run import bench_sampling_cli
 
-        _print_json(bench_sampling_cli(args.policy, args.verifier), args.json)
+        Ms = [int(m) for m in args.Ms.split(",")]
+        _print_json(bench_sampling_cli(args.policy, args.verifier, Ms, args.repeats), args.json)
 
 
 def cmd_report(args) -> None:
@@ -72,11 +73,13 @@ def cmd_report(args) -> None:
 
 
 def cmd_grid(args) -> None:
-    from experiments.grid import grid_run_cli, grid_status_cli
+    from experiments.grid import GridOptions, grid_run_cli, grid_status_cli
 
     if args.grid_cmd == "run":
-        code = grid_run_cli(args.spec, out=args.out, workers=args.workers, backend=args.backend,
-                            address=args.address)
+        options = GridOptions(workers=args.workers, backend=args.backend, address=args.address,
+                              cpus_per_cell=args.cpus_per_cell)
+        code = grid_run_cli(args.spec, out=args.out, options=options, stages=args.stages,
+                            cfg_cls=args.config, dry_run=args.dry_run)
     else:
         code = grid_status_cli(args.out)
     if code:
@@ -84,9 +87,11 @@ def cmd_grid(args) -> None:
 
 
 def cmd_quickstart(args) -> None:
+    from analysis.report import make_report
     from experiments.quickstart import quickstart
 
-    quickstart(args.out, fast=args.fast, workers=args.workers)
+    out = quickstart(args.out, fast=args.fast, workers=args.workers)
+    print(f"[quickstart] report: {make_report([str(out)])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="field.path=value")
     s.set_defaults(fn=cmd_train_policy)
 
-    s = sub.add_parser("fit-verifier", help="fit a learned verifier (cfn) for a trained policy")
-    s.add_argument("name")
+    s = sub.add_parser("fit-verifier", help="fit a learned verifier for a trained policy")
+    s.add_argument("name", help="a registered verifier that has a fit (e.g. cfn)")
     s.add_argument("--policy", required=True, help="policy run directory")
     s.add_argument("--demos", default=None, help="dataset (default: the policy's own)")
     s.add_argument("--out", required=True)
@@ -157,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-envs", type=int, default=1024)
     s.add_argument("--task", default="pick_place")
     s.add_argument("--policy", default=None, help="policy run directory (default: fresh init)")
-    s.add_argument("--verifier", default=None, help="verifier name to time as well (e.g. cfn)")
+    s.add_argument("--verifier", default=None, help="a registered verifier to time as well "
+                   "(e.g. cfn; learned ones unfitted, at their fitted size)")
+    s.add_argument("--Ms", default="1,4,8,16,32,64", help="candidate counts to time (sampling)")
+    s.add_argument("--repeats", type=int, default=20, help="timed repeats per M (median)")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("report", help="markdown report with plots from run or grid directories")
@@ -168,13 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("grid", help="run or inspect an ablation grid")
     gsub = s.add_subparsers(dest="grid_cmd", required=True)
     g = gsub.add_parser("run", help="run a grid spec (resumes; retries failed cells)")
-    g.add_argument("spec")
-    g.add_argument("--out", required=True)
-    g.add_argument("--workers", type=int, default=1)
-    g.add_argument("--backend", choices=["local", "ray"], default="local")
-    g.add_argument("--address", default=None, help="existing Ray cluster address")
+    g.add_argument("spec", help="grid spec YAML (base, axes, zip, exclude)")
+    g.add_argument("--out", default=None, help="grid directory (default: runs/<spec name>)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="cells run in parallel (local: spawn processes, 1 = inline)")
+    g.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local process pool or Ray tasks")
+    g.add_argument("--address", default=None,
+                   help="existing Ray cluster address (default: start a local Ray)")
+    g.add_argument("--cpus-per-cell", type=float, default=1.0,
+                   help="Ray CPUs reserved per cell")
+    g.add_argument("--stages", default=None,
+                   help="module:ATTR of the stage list (default: the spec's pipeline:, else "
+                        "experiments.pipeline:STAGES)")
+    g.add_argument("--config", default=None,
+                   help="module:Class of the run config (default: the spec's config:, else "
+                        "experiments.config:RunConfig)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="list the cells and exit without running")
     g = gsub.add_parser("status", help="done / running / failed / pending cells")
-    g.add_argument("out")
+    g.add_argument("out", help="grid directory")
     s.set_defaults(fn=cmd_grid)
     return p
 

@@ -6,14 +6,15 @@ this config plus axes. Sections below are exactly the fields the pipeline stages
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 
-from algos.common.config import apply_overrides, from_dict, load_yaml
 from algos.sft import TrainConfig
+from core.config import apply_overrides, from_dict, load_yaml
 from experiments.harness import EvalConfig
 from experiments.reproduction import ReproductionConfig
 from experiments.scaling import ScalingConfig
-from verifiers.cfn import CFNConfig
+from verifiers.registry import PLUGINS, get_plugin
 
 
 @dataclass(frozen=True)
@@ -31,17 +32,29 @@ class DemosConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class VerifierConfig:
-    name: str = "random"
-    """a registered verifier (steerlab knows: random, consensus, likelihood, oracle_action,
-    oracle_sim, cfn)"""
-    cfn: CFNConfig = field(default_factory=CFNConfig)
-    """CFN head, training and feature collection (used when name = cfn)"""
+def _verifier_config_class() -> type:
+    """``verifier``: the chosen name, a fit seed, and one section per registered verifier that
+    has options (``verifier.cfn.epochs=...``); only the chosen verifier's section is read."""
+    fields = [("name", str, field(default="random")), ("seed", int, field(default=0))]
+    for name, plugin in sorted(PLUGINS.items()):
+        if dataclasses.fields(plugin.config):
+            fields.append((name, plugin.config, field(default_factory=plugin.config)))
+    return dataclasses.make_dataclass("VerifierConfig", fields, frozen=True)
+
+
+VerifierConfig = _verifier_config_class()
+
+
+def verifier_options(cfg) -> object:
+    """The chosen verifier's own config section (its defaults when it has no options)."""
+    options = getattr(cfg.verifier, cfg.verifier.name, None)
+    return get_plugin(cfg.verifier.name).config() if options is None else options
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    suite: str = "tabletop"
+    """a registered env suite (``envs.SUITES``)"""
     task: str = "pick_place"
     variant: str = "nominal"
     """evaluation variant; demonstrations are always collected on nominal"""
@@ -55,15 +68,11 @@ class RunConfig:
 
     def validate(self) -> None:
         import envs
-        from verifiers.registry import known_verifiers
 
-        if self.task not in envs.TASKS:
-            raise ValueError(f"task must be one of {list(envs.TASKS)}, got {self.task!r}")
-        if self.variant not in envs.VARIANTS:
-            raise ValueError(f"variant must be one of {list(envs.VARIANTS)}, got {self.variant!r}")
-        if self.verifier.name not in known_verifiers():
+        envs.get_suite(self.suite).validate(self.task, self.variant)
+        if self.verifier.name not in PLUGINS:
             raise ValueError(f"verifier.name: unknown verifier {self.verifier.name!r}; "
-                             f"known: {known_verifiers()}")
+                             f"known: {sorted(PLUGINS)}")
         if self.demos.episodes < 1:
             raise ValueError(f"demos.episodes must be >= 1, got {self.demos.episodes}")
         if self.demos.segment < 0:
@@ -77,6 +86,10 @@ class RunConfig:
         self.train_config().validate()
         self.eval.validate(self.train_config().policy_config.horizon)
         self.scaling.validate()
+
+    RUN_OWNED_POLICY_FIELDS = ("tasks", "datasets", "variant")
+    """policy fields the run sets itself (``train_config``): a value given for them is ignored,
+    so the policy stage's key leaves them out"""
 
     def train_config(self, dataset: str | None = None) -> TrainConfig:
         """The SFT config for this run's task (and dataset path, once the demos exist)."""

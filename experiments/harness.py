@@ -10,7 +10,6 @@ runs through the same jitted policy/verifier calls in a Python loop (``evaluate_
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from envs.rollout import (
+    decision_keys,
+    episode_keys,
+    execute_chunk,
+    num_decisions,
+    split_episode_key,
+    unroll,
+)
 
 SELECTIONS = ("argmax", "softmax")
 PRIVILEGED = ("env_state", "expert_chunk")
@@ -85,19 +93,7 @@ class Setup:
 
     @property
     def num_decisions(self) -> int:
-        return math.ceil(self.max_steps / self.cfg.replan)
-
-
-def episode_keys(seed: int, episodes: int) -> jax.Array:
-    """Indexed initial conditions: episode i always gets the same key, whatever the batch."""
-    base = jax.random.PRNGKey(seed)
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(episodes))
-
-
-def split_episode_key(key: jax.Array, num_decisions: int):
-    """(reset key, per-episode expert key, per-decision keys [num_decisions])."""
-    k_reset, k_expert, k_loop = jax.random.split(key, 3)
-    return k_reset, k_expert, jax.random.split(k_loop, num_decisions)
+        return num_decisions(self.max_steps, self.cfg.replan)
 
 
 def verifier_obs(setup: Setup, obs: dict, env_state: Any, k_expert: jax.Array) -> dict:
@@ -117,26 +113,13 @@ def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key):
     """One decision for one env: returns (chosen chunk [H, A], index, scores [M], candidates)."""
     from verifiers.registry import select
 
-    k_sample, k_score, k_select = jax.random.split(key, 3)
+    k_sample, k_score, k_select = decision_keys(key)
     context = setup.policy.encode(pparams, obs)
     cands = setup.policy.sample(pparams, context, k_sample, setup.cfg.M)
     scores = setup.verifier.score(vstate, verifier_obs(setup, obs, env_state, k_expert), cands,
                                   k_score)
     index = select(scores, k_select, setup.cfg.selection, setup.cfg.temperature)
     return cands.actions[index], index, scores, cands
-
-
-def execute_chunk(env, state, obs, actions, probe=None):
-    """Steps one env through ``actions`` [h, A]; returns final (state, obs) and per-step
-    (reward, done, success, progress), plus ``probe(state)`` after each step when given."""
-
-    def one(carry, action):
-        state, obs = carry
-        state, obs, reward, done, info = env.step(state, action)
-        out = (reward, done, info["success"], info["progress"])
-        return (state, obs), out + ((probe(state),) if probe is not None else ())
-
-    return jax.lax.scan(one, (state, obs), actions)
 
 
 def rank_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -151,39 +134,33 @@ def rank_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def run_episode(setup: Setup, pparams, vstate, key):
-    """One full episode under ``lax.scan`` over decisions; returns per-episode records."""
+    """One full episode (``envs.rollout.unroll``) with the harness's probes; per-episode records."""
     env, h = setup.env, setup.cfg.replan
-    k_reset, k_expert, k_decisions = split_episode_key(key, setup.num_decisions)
-    state, obs = env.reset(k_reset)
+    classify = setup.expert is not None and setup.cfg.classify_modes
 
-    def decision(carry, k):
-        state, obs, done, _, _ = carry
+    def decision(state, obs, k_expert, k):
         chunk, index, scores, cands = decide(setup, pparams, vstate, obs, state, k_expert, k)
-        rec = {"alive": ~done, "score": scores[index], "index": index}
+        rec = {"score": scores[index], "index": index}
         if setup.oracle is not None:
             oracle = setup.oracle.score(None, {**obs, "env_state": state}, cands, k)
             rec["oracle_gap"] = jnp.max(oracle) - oracle[index]
-        probe = None
-        if setup.expert is not None and setup.cfg.classify_modes:
+        if classify:
             # The executed part of the chunk, labelled by the same classifier the dataset uses
             # on its own chunks, and the progress bin it was chosen in.
             rec["mode_weights"] = setup.expert.classify_chunk(env, state, chunk[:h])
             rec["progress"] = state.progress
-            probe = lambda s: setup.expert.wrong_block(env, s)
             if setup.cfg.M > 2:
                 # Does the verifier rank candidates by closeness to the pi* chunk? (TACO's
                 # count-vs-distance check; < 0 when higher scores go with closer chunks)
                 star = setup.expert.expert_chunk(env, state, 0, k_expert, chunk.shape[0])
                 dist = jnp.sqrt(jnp.sum((cands.actions - star[None]) ** 2, axis=(1, 2)))
                 rec["score_distance_rho"] = rank_correlation(scores, dist)
-        (state, obs), steps = execute_chunk(env, state, obs, chunk[:h], probe)
-        _, dones, success, progress = steps[:4]
-        if probe is not None:
-            rec["wrong_block"] = jnp.any(steps[4])
-        return (state, obs, done | dones[-1], success[-1], progress[-1]), rec
+        return chunk, rec
 
-    init = (state, obs, jnp.zeros((), bool), jnp.zeros((), bool), jnp.zeros((), jnp.float32))
-    (state, _, _, success, progress), recs = jax.lax.scan(decision, init, k_decisions)
+    probe = (lambda s: setup.expert.wrong_block(env, s)) if classify else None
+    state, success, progress, recs = unroll(env, key, decision, setup.num_decisions, h, probe)
+    if probe is not None:
+        recs["wrong_block"] = jnp.any(recs.pop("probe"), axis=-1)
     return {
         "success": success,
         "progress": progress,
@@ -297,7 +274,7 @@ def evaluate_gym(setup: Setup, gym_env, pparams, vstate) -> dict[str, np.ndarray
 
 def summarize(records: dict[str, np.ndarray], mode_names: tuple[str, ...] = ()) -> dict:
     """Run-level metrics from per-episode records."""
-    from analysis.stats import wilson_interval
+    from core.stats import wilson_interval
 
     success = np.asarray(records["success"], bool)
     low, high = wilson_interval(int(success.sum()), len(success))

@@ -7,8 +7,10 @@ the fields it declares.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from algos.sft import TrainConfig
 from experiments.config import RunConfig
 from experiments.grid import Stage
 
@@ -33,25 +35,18 @@ def train_policy_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> No
 
 
 def fit_verifier_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
-    """Learned verifiers fit here; the others need nothing and leave a note."""
-    import jax
+    """Learned verifiers fit here (into ``out/fitted``); the others leave a note."""
+    from experiments.run import fit_verifier
 
-    if cfg.verifier.name != "cfn":
+    if not fit_verifier(cfg, inputs["policy"] / "run", inputs["demos"] / "data", out / "fitted"):
         (out / "NOT_FITTED").write_text(f"{cfg.verifier.name} has nothing to fit\n")
-        return
-    from algos.sft import load_policy
-    from verifiers.cfn import fit_cfn
-
-    policy, params, _ = load_policy(str(inputs["policy"] / "run"))
-    fit_cfn(policy, params, str(inputs["demos"] / "data"), cfg.verifier.cfn,
-            jax.random.PRNGKey(cfg.verifier.cfn.seed), out_dir=str(out / "cfn"))
 
 
 def evaluate_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
     from experiments.run import run_eval
 
-    verifier_dir = inputs["verifier"] / "cfn" if cfg.verifier.name == "cfn" else None
-    run_eval(cfg, inputs["policy"] / "run", verifier_dir, out)
+    fitted = inputs["verifier"] / "fitted"
+    run_eval(cfg, inputs["policy"] / "run", fitted if fitted.exists() else None, out)
 
 
 def scaling_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -60,10 +55,14 @@ def scaling_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
     run_scaling(cfg, inputs["policy"] / "run", out)
 
 
-DEMOS = Stage("demos", ("task", "demos"), (), build_demos)
-POLICY = Stage("policy", ("task", "demos", "policy", "reproduction"), ("demos",),
+# The policy section minus the fields the run overwrites (RunConfig.train_config): changing one
+# of those must not retrain an identical policy.
+POLICY_FIELDS = tuple(f"policy.{f.name}" for f in dataclasses.fields(TrainConfig)
+                      if f.name not in RunConfig.RUN_OWNED_POLICY_FIELDS)
+DEMOS = Stage("demos", ("suite", "task", "demos"), (), build_demos)
+POLICY = Stage("policy", ("task", "demos", *POLICY_FIELDS, "reproduction"), ("demos",),
                train_policy_stage)
-VERIFIER = Stage("verifier", ("task", "demos", "policy", "reproduction", "verifier"),
+VERIFIER = Stage("verifier", ("task", "demos", *POLICY_FIELDS, "reproduction", "verifier"),
                  ("demos", "policy"),
                  fit_verifier_stage)
 STAGES = [DEMOS, POLICY, VERIFIER, Stage("eval", (), ("demos", "policy", "verifier"),

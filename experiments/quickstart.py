@@ -1,7 +1,7 @@
 """``steerlab quickstart``: demonstrations → SFT flow policy → fit verifiers → evaluation at
 M ∈ {1, 2, 4, 8, 16, 32} with every registered verifier that applies → offline scaling study →
-report. It runs as a grid (so an interrupted quickstart resumes where it stopped, and the
-policy is trained once), then adds the scaling study and writes ``OUT/report.md``.
+report. The runs go as a grid (so an interrupted quickstart resumes where it stopped, and the
+policy is trained once) plus the scaling study; the command then writes ``OUT/report.md``.
 """
 
 from __future__ import annotations
@@ -9,14 +9,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from algos.common.config import from_dict, to_dict
+from core.config import from_dict, to_dict
 from experiments.config import RunConfig
+from verifiers.registry import PLUGINS
 
 MS = (1, 2, 4, 8, 16, 32)
-# likelihood needs a policy with log-probabilities; the quickstart's flow policy has none (the
-# likelihood_ar grid runs it on the token policy). oracle_action (distance to the pi* chunk) is in
-# the verifier_comparison grid; oracle_sim is the quickstart's upper reference.
-VERIFIERS = ("random", "consensus", "cfn", "oracle_sim")
+
+
+def quickstart_verifiers(has_log_prob: bool = False) -> list[str]:
+    """Every registered verifier that takes part in the quickstart (``VerifierPlugin.quickstart``)
+    and whose needs its flow policy meets: it has no log-probabilities, so likelihood runs in
+    the likelihood_ar grid instead (the built-in suite gives env_state and expert chunks)."""
+    return [name for name, p in PLUGINS.items()
+            if p.quickstart and (has_log_prob or "log_prob" not in p.requires)]
+
 
 # 128 paired episodes per cell: every verifier sees the same initial states (eval.seed), so
 # each can be compared with random at the same M by McNemar's test in the report.
@@ -40,8 +46,9 @@ FAST = {
 }
 
 
-def quickstart_spec(base: dict, Ms=MS, verifiers=VERIFIERS) -> dict:
+def quickstart_spec(base: dict, Ms=MS, verifiers=None) -> dict:
     """Every verifier at every M > 1; M = 1 (no choice to make) once, as the base policy."""
+    verifiers = quickstart_verifiers() if verifiers is None else verifiers
     return {
         "name": "quickstart",
         "base": base,
@@ -51,8 +58,9 @@ def quickstart_spec(base: dict, Ms=MS, verifiers=VERIFIERS) -> dict:
 
 
 def quickstart(out: str, fast: bool = False, workers: int = 2) -> Path:
-    from analysis.report import make_report
-    from experiments.grid import run_grid, stage_keys
+    """Runs every stage into ``out`` (resuming) and returns it; ``steerlab quickstart`` then
+    writes the report from it."""
+    from experiments.grid import GridOptions, run_grid, stage_keys
     from experiments.pipeline import POLICY, STAGES
     from experiments.run import run_scaling
 
@@ -64,7 +72,7 @@ def quickstart(out: str, fast: bool = False, workers: int = 2) -> Path:
           f"{spec['axes']['eval.M']} on {base['task']} → {out_dir}")
     # Evaluation cells are mostly single-threaded (compilation, small batched ops), so two
     # workers on two cores nearly halve the sweep; the shared stages are built once under a lock.
-    table = run_grid(spec, out_dir, STAGES, RunConfig, workers=workers, backend="local")
+    table = run_grid(spec, out_dir, STAGES, RunConfig, GridOptions(workers=workers))
     failed = table[table["status"] != "done"]
     if len(failed):
         raise RuntimeError(f"quickstart: {len(failed)} cells failed; see "
@@ -76,6 +84,5 @@ def quickstart(out: str, fast: bool = False, workers: int = 2) -> Path:
     scaling_dir = out_dir / "scaling"
     if not (scaling_dir / "result.json").exists():
         run_scaling(cfg, policy_dir, scaling_dir)
-    report = make_report([str(out_dir)])
-    print(f"[quickstart] done in {time.perf_counter() - t0:.0f}s: {report}")
-    return Path(report)
+    print(f"[quickstart] runs done in {time.perf_counter() - t0:.0f}s")
+    return out_dir

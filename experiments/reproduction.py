@@ -81,18 +81,18 @@ def check_reproduction(policy_dir: str | os.PathLike, dataset_dir: str | os.Path
                        cfg: ReproductionConfig = ReproductionConfig(),
                        write: bool = True) -> dict:
     """Runs the check for a trained policy run directory against a dataset directory."""
-    from algos.common.io import read_json, write_json
-    from algos.sft import load_policy
+    from core.io import read_json, write_json
     from envs.dataset import DEFAULT_SEGMENT
     from envs.experts import MODES
     from experiments.config import RunConfig
     from experiments.harness import EvalConfig, evaluate_compiled, summarize
     from experiments.run import build_setup, make_env_for
+    from policies import load_policy
     from verifiers.registry import make_verifier
 
     manifest = read_json(Path(dataset_dir) / "manifest.json")
     task = manifest["task"]
-    policy, params, _ = load_policy(str(policy_dir))
+    policy, params = load_policy(str(policy_dir))
     # Decisions every `segment` steps, as the data's decision chunks were labelled.
     replan = manifest.get("segment") or DEFAULT_SEGMENT
     eval_cfg = EvalConfig(M=1, episodes=cfg.episodes, seed=cfg.seed, replan=replan,

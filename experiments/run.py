@@ -10,9 +10,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from algos.common.config import to_dict
-from algos.common.io import write_json, write_text
-from experiments.config import RunConfig, load_run_config
+from core.config import to_dict
+from core.io import write_json, write_text
+from envs import get_suite
+from experiments.config import RunConfig, load_run_config, verifier_options
 from experiments.harness import (
     Setup,
     evaluate_compiled,
@@ -20,43 +21,40 @@ from experiments.harness import (
     time_phases,
 )
 from experiments.scaling import scaling_study
+from policies import load_policy
+from verifiers.base import BuildContext
+from verifiers.registry import PLUGINS, get_plugin, make_verifier
 
 RESULT_SCHEMA = "steerlab.result/1"
 
 
-def make_verifier_for(cfg: RunConfig, env, verifier_dir: str | os.PathLike | None):
-    """The run's verifier, with what it needs at build time (a fitted state, the env)."""
-    from verifiers.registry import make_verifier
-
-    name = cfg.verifier.name
-    if name == "oracle_sim":
-        return make_verifier(name, env=env, horizon=cfg.eval.replan)
-    if name == "cfn":
-        if verifier_dir is None:
-            raise ValueError("verifier.name=cfn needs a fitted CFN (steerlab fit-verifier cfn)")
-        return make_verifier(name, path=str(verifier_dir))
-    return make_verifier(name)
+def make_verifier_for(cfg: RunConfig, env, policy, fitted_dir: str | os.PathLike | None):
+    """The run's verifier, built from its config section and what it may need (env, policy,
+    the harness's replan length, and a fitted directory for learned verifiers)."""
+    context = BuildContext(env=env, policy=policy, replan=cfg.eval.replan,
+                           fitted_dir=None if fitted_dir is None else str(fitted_dir))
+    return make_verifier(cfg.verifier.name, context, verifier_options(cfg))
 
 
 def make_env_for(cfg: RunConfig, policy):
     """The evaluation env; images are rendered only when the policy reads them."""
-    import envs
-
     image = bool(getattr(policy.cfg, "image", True))
-    return envs.make(cfg.task, cfg.variant, image=image, max_steps=cfg.eval.max_steps or None)
+    return get_suite(cfg.suite).make(cfg.task, cfg.variant, image=image,
+                                     max_steps=cfg.eval.max_steps or None)
 
 
 def build_setup(cfg: RunConfig, env, policy, verifier) -> Setup:
-    from envs import experts
-    from verifiers.registry import make_verifier
-
+    experts = get_suite(cfg.suite).experts
     if "log_prob" in verifier.requires and not policy.has_log_prob:
         raise ValueError(f"verifier {verifier.name!r} needs the policy's log-probabilities; the "
                          f"{type(policy).__name__} policy has none (use policy.policy="
                          "autoregressive)")
-    oracle = (make_verifier("oracle_sim", env=env, horizon=cfg.eval.replan)
+    oracle = (make_verifier("oracle_sim", BuildContext(env=env, replan=cfg.eval.replan))
               if cfg.eval.annotate_oracle else None)
     needs_expert = cfg.eval.classify_modes or "expert_chunk" in verifier.requires
+    if "expert_chunk" in verifier.requires and experts is None:
+        raise ValueError(f"verifier {verifier.name!r} needs expert chunks, which suite "
+                         f"{cfg.suite!r} has no experts for")
     return Setup(env=env, policy=policy, verifier=verifier, cfg=cfg.eval, oracle=oracle,
                  expert=experts if needs_expert else None)
 
@@ -82,18 +80,16 @@ def _episode_rows(records: dict[str, np.ndarray]) -> str:
 
 def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = True) -> dict:
     """Evaluates policy + verifier at M candidates; writes config, episodes and result.json."""
-    from algos.sft import load_policy
-    from envs.experts import MODES
-
     cfg.validate()
-    policy, params, _ = load_policy(str(policy_dir))
+    policy, params = load_policy(str(policy_dir))
     env = make_env_for(cfg, policy)
-    setup = build_setup(cfg, env, policy, make_verifier_for(cfg, env, verifier_dir))
+    setup = build_setup(cfg, env, policy, make_verifier_for(cfg, env, policy, verifier_dir))
     vstate = setup.verifier.state
     t0 = time.perf_counter()
     records = evaluate_compiled(setup, params, vstate)
     eval_s = time.perf_counter() - t0
-    metrics = summarize(records, MODES[cfg.task])
+    experts = get_suite(cfg.suite).experts
+    metrics = summarize(records, experts.MODES[cfg.task] if experts is not None else ())
     metrics["eval_s"] = eval_s
     if cfg.eval.timing_decisions:
         metrics.update(time_phases(setup, params, vstate, cfg.eval.timing_decisions))
@@ -115,10 +111,9 @@ def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = 
 
 def run_scaling(cfg: RunConfig, policy_dir, out_dir, episodes: int = 40) -> dict:
     """The offline best-of-N study on held-out demonstrations (a fresh seed)."""
-    from algos.sft import load_policy
     from envs.dataset import load_demos, write_demos
 
-    policy, params, _ = load_policy(str(policy_dir))
+    policy, params = load_policy(str(policy_dir))
     out = Path(out_dir)
     heldout = out / "heldout_demos"
     if not (heldout / "manifest.json").exists():
@@ -147,8 +142,8 @@ def run_scaling(cfg: RunConfig, policy_dir, out_dir, episodes: int = 40) -> dict
 
 
 def train_policy_cli(config_path: str | None, overrides: list[str], out: str) -> None:
-    from algos.common.config import apply_overrides, from_dict, load_yaml
     from algos.sft import TrainConfig, default_train_config, train_policy
+    from core.config import apply_overrides, from_dict, load_yaml
 
     base = from_dict(TrainConfig, load_yaml(config_path)) if config_path else \
         default_train_config("pick_place")
@@ -161,17 +156,35 @@ def train_policy_cli(config_path: str | None, overrides: list[str], out: str) ->
     train_policy(cfg, out)
 
 
+def fit_verifier(cfg: RunConfig, policy_dir, demos_path, out) -> bool:
+    """Fits the run's verifier for the policy on a dataset into ``out``; False if the verifier
+    has nothing to fit."""
+    from envs.dataset import load_demos
+
+    plugin = get_plugin(cfg.verifier.name)
+    if plugin.fit is None:
+        return False
+    policy, params = load_policy(str(policy_dir))
+    plugin.fit(verifier_options(cfg), policy, params, load_demos(str(demos_path)),
+               jax.random.PRNGKey(cfg.verifier.seed), str(out))
+    return True
+
+
 def fit_verifier_cli(name: str, policy_dir: str, demos: str | None, out: str,
                      overrides: list[str]) -> None:
+    """``steerlab fit-verifier NAME --policy RUN --out DIR [field=value ...]``: the fields are
+    the verifier's own (``epochs=8``), or run-config paths (``verifier.seed=1``)."""
     from algos.sft import load_config
-    from verifiers.registry import FITTERS, known_verifiers
-    from verifiers.registry import fit_verifier_cli as fit
 
-    if name not in known_verifiers() or name not in FITTERS:
+    trainable = sorted(n for n, p in PLUGINS.items() if p.fit is not None)
+    if name not in trainable:
         raise ValueError(f"fit-verifier: unknown or untrainable name {name!r}; "
-                         f"trainable: {sorted(FITTERS)}")
+                         f"trainable: {trainable}")
+    overrides = [o if o.startswith("verifier.") else f"verifier.{name}.{o}" for o in overrides]
+    cfg = load_run_config(None, [f"verifier.name={name}", *overrides])
     dataset = demos or load_config(policy_dir).datasets[0]
-    print(fit(name, policy_dir, dataset, out, overrides))
+    fit_verifier(cfg, policy_dir, dataset, out)
+    print(os.path.abspath(out))
 
 
 def eval_cli(config_path: str | None, overrides: list[str], out: str) -> None:
@@ -206,31 +219,23 @@ def scaling_cli(policy_dir: str, demos: str | None, out: str, overrides: list[st
     run_scaling(cfg, policy_dir, out)
 
 
-def bench_sampling_cli(policy_dir: str | None, verifier: str | None) -> dict:
-    from policies.bench import bench_sampling
+def bench_sampling_cli(policy_dir: str | None, verifier: str | None, Ms=(1, 4, 8, 16, 32, 64),
+                       repeats: int = 20) -> dict:
+    """Sampling latency per M, with a verifier's scoring timed too when one is named (a learned
+    one unfitted, at its fitted size: the weights do not change the cost)."""
+    from policies.bench import bench_sampling, load_bench_policy
 
     score_fn = None
     if verifier:
-        if verifier != "cfn":
-            raise ValueError(f"bench sampling --verifier: only 'cfn' is timed, got {verifier!r}")
-        score_fn = _bench_cfn_score_fn(policy_dir)
-    return bench_sampling(policy_dir, score_fn=score_fn)
-
-
-def _bench_cfn_score_fn(policy_dir: str | None):
-    """A CFN of the default size over the policy's feature dim (weights do not change cost)."""
-    from verifiers.cfn import CFNConfig, cfn_score_fn, init_cfn
-
-    if policy_dir:
-        from algos.sft import load_policy
-
-        policy = load_policy(policy_dir)[0]
-    else:
-        import envs
-        from policies import FlowConfig, make_policy
-        from policies.flow import PI0_PROPORTIONS
-
-        policy = make_policy("flow", FlowConfig(**PI0_PROPORTIONS).with_spec(
-            envs.make("pick_place").spec))
-    state = init_cfn(CFNConfig(), policy.feature_dim, jax.random.PRNGKey(0))
-    return cfn_score_fn(state)
+        plugin = get_plugin(verifier)
+        envless = ("features", "log_prob")
+        if not set(plugin.requires) <= set(envless):
+            allowed = sorted(n for n, p in PLUGINS.items() if set(p.requires) <= set(envless))
+            raise ValueError(f"bench sampling --verifier: {verifier!r} needs {plugin.requires}, "
+                             f"which a benchmark without an env cannot give; allowed: {allowed}")
+        policy = load_bench_policy(policy_dir)[0]
+        cfg, context = plugin.config(), BuildContext(policy=policy)
+        v = (plugin.init(cfg, context, jax.random.PRNGKey(0)) if plugin.init is not None
+             else plugin.build(cfg, context))
+        score_fn = lambda obs, cands, key: v.score(v.state, obs, cands, key)
+    return bench_sampling(policy_dir, Ms=tuple(Ms), repeats=repeats, score_fn=score_fn)

@@ -75,7 +75,7 @@ def best_of_n_errors(policy, pparams, obs, target, valid, key, cfg: ScalingConfi
 
 def scaling_study(policy, pparams, chunks: dict, cfg: ScalingConfig, batch: int = 32) -> dict:
     """Runs both proposal methods over held-out states; returns curves and power-law fits."""
-    from analysis.stats import fit_power_law
+    from core.stats import fit_power_law
 
     cfg.validate()
     n = len(chunks["actions"])

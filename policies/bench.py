@@ -1,6 +1,6 @@
 """Per-decision sampling latency: shared prefix cache vs the tiled baseline.
 
-    python -m policies.bench [RUN_DIR | default] [--Ms 1,4,8,16,32,64] [--repeats 20] [--out F]
+    steerlab bench sampling [--policy RUN_DIR] [--Ms 1,4,8,16,32,64] [--repeats 20] [--json F]
 
 Per M: ``encode + sample`` (cached: prefix once at batch 1, broadcast to M chains) and
 ``sample_naive`` (observation tiled M times, prefix at batch M, as released pi0.5 / TACO code),
@@ -11,8 +11,6 @@ FLOP counts are analytic matmul FLOPs (``FlowPolicy.flop_counts``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 
@@ -20,7 +18,7 @@ import jax
 import numpy as np
 
 from policies.flow import PI0_PROPORTIONS, FlowConfig
-from policies.registry import example_obs, make_policy
+from policies.registry import example_obs, load_policy, make_policy
 
 
 def _env_obs(task: str, variant: str = "nominal", image: bool = True):
@@ -36,7 +34,9 @@ def _default_policy(task: str = "pick_place"):
     return policy, policy.init(jax.random.PRNGKey(0), obs), obs
 
 
-def _load(policy_run_dir_or_default):
+def load_bench_policy(policy_run_dir_or_default):
+    """(policy, params, obs): the default policy on a real observation, a given tuple, or an
+    exported policy on a zero observation of its shapes (the cost does not depend on values)."""
     if policy_run_dir_or_default in (None, "default"):
         return _default_policy()
     if isinstance(policy_run_dir_or_default, tuple):  # (policy, params[, obs])
@@ -45,10 +45,8 @@ def _load(policy_run_dir_or_default):
     if not os.path.isdir(policy_run_dir_or_default):
         raise ValueError(f"policy: {policy_run_dir_or_default!r} is neither 'default' nor a run "
                          "directory")
-    from algos.sft import load_policy  # a trained policy is named by its run directory
-
-    policy, params, cfg = load_policy(policy_run_dir_or_default)
-    return policy, params, _env_obs(cfg.tasks[0], cfg.variant, policy.cfg.image)[1]
+    policy, params = load_policy(policy_run_dir_or_default)
+    return policy, params, example_obs(policy.cfg)
 
 
 def _median_ms(fns: dict, repeats: int) -> dict:
@@ -74,7 +72,7 @@ def bench_sampling(policy_run_dir_or_default="default", Ms=(1, 4, 8, 16, 32, 64)
     of sampling: ``score_ms_at_M32`` (fused call minus sampling alone), ``sample_ms_at_M32``,
     ``score_call_ms_at_M32`` (scoring as a separate call) and ``score_overhead_at_M32``.
     """
-    policy, params, obs = _load(policy_run_dir_or_default)
+    policy, params, obs = load_bench_policy(policy_run_dir_or_default)
     key = jax.random.PRNGKey(seed)
     has_naive = hasattr(policy, "sample_naive")
     out = {"policy": policy.name, "Ms": list(Ms), "repeats": repeats,
@@ -119,18 +117,3 @@ def bench_sampling(policy_run_dir_or_default="default", Ms=(1, 4, 8, 16, 32, 64)
         out["score_call_ms_at_M32"] = res["score"]
         out["score_overhead_at_M32"] = out["score_ms_at_M32"] / res["sample"]
     return out
-
-
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("policy", nargs="?", default="default", help="run directory or 'default'")
-    ap.add_argument("--Ms", default="1,4,8,16,32,64")
-    ap.add_argument("--repeats", type=int, default=20)
-    args = ap.parse_args(argv)
-    res = bench_sampling(args.policy, tuple(int(m) for m in args.Ms.split(",")), args.repeats)
-    print(json.dumps(res, indent=2))
-    return res
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,25 @@
-"""Policies by name: ``make_policy("flow", FlowConfig(...))``."""
+"""Policies by name, and their artifacts on disk.
+
+    policy = make_policy("flow", FlowConfig(...))
+    save_policy(path, policy, params)          # path/policy.json + path/params (Orbax)
+    policy, params = load_policy(path)         # a policy directory or a run that exported one
+
+A policy artifact holds the policy's name, its resolved config and its parameters, nothing of
+how it was trained: SFT exports one, and every reader (evaluation, verifiers, benchmarks) loads
+it here.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+
+import jax
 import numpy as np
 
+from core.checkpoint import restore_pytree, save_pytree
+from core.config import from_dict, to_dict
+from core.io import write_json
 from policies.autoregressive import ARConfig, ARPolicy
 from policies.flow import FlowConfig, FlowPolicy
 
@@ -31,3 +47,46 @@ def example_obs(cfg) -> dict:
     if cfg.image:
         obs["image"] = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
     return obs
+
+
+POLICY_FILE = "policy.json"
+
+
+def policy_name(policy) -> str:
+    for name, (cls, _) in POLICIES.items():
+        if isinstance(policy, cls):
+            return name
+    raise ValueError(f"unregistered policy type {type(policy).__name__}")
+
+
+def save_policy(path: str, policy, params) -> None:
+    """Exports ``policy`` and ``params``; ``policy.json`` is written last, so a directory that
+    has it is complete."""
+    os.makedirs(path, exist_ok=True)
+    save_pytree(os.path.join(path, "params"), params)
+    write_json(os.path.join(path, POLICY_FILE),
+               {"name": policy_name(policy), "config": to_dict(policy.cfg)})
+
+
+def policy_dir(path: str) -> str:
+    """The artifact directory of ``path``: itself, or ``path/policy`` for a training run."""
+    for d in (path, os.path.join(path, "policy")):
+        if os.path.isfile(os.path.join(d, POLICY_FILE)):
+            return d
+    raise FileNotFoundError(f"no policy at {path!r}: expected {POLICY_FILE} there or in "
+                            f"{os.path.join(path, 'policy')} (train one with "
+                            "`steerlab train-policy`)")
+
+
+def load_policy(path: str):
+    """(policy, params) of an exported policy (or a training run directory that has one)."""
+    d = policy_dir(path)
+    with open(os.path.join(d, POLICY_FILE)) as f:
+        meta = json.load(f)
+    if meta.get("name") not in POLICIES:
+        raise ValueError(f"{os.path.join(d, POLICY_FILE)}: name must be one of "
+                         f"{sorted(POLICIES)}, got {meta.get('name')!r}")
+    cfg = from_dict(POLICIES[meta["name"]][1], meta["config"])
+    policy = make_policy(meta["name"], cfg)
+    target = jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0), example_obs(cfg)))
+    return policy, restore_pytree(os.path.join(d, "params"), target)

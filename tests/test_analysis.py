@@ -8,7 +8,7 @@ import pytest
 
 from analysis.load import load_records, load_runs
 from analysis.report import make_report
-from analysis.stats import (
+from core.stats import (
     binom_cdf_half,
     fit_power_law,
     mcnemar,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from verifiers.cfn import CFNConfig, cfn_output, train_cfn
+from verifiers.cfn_model import CFNConfig, cfn_output, train_cfn
 
 
 def duplicated_clusters(k, f, nmax, seed=0, jitter=0.01):

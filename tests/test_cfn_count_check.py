@@ -13,16 +13,14 @@ import pytest
 
 from policies.base import Candidates
 from verifiers.cfn import (
-    CFNConfig,
     coin_flip_stats,
     count_check,
     count_check_split,
     duplicated_set,
     fit_cfn,
-    init_cfn,
     log_log_slope,
-    rademacher_targets,
 )
+from verifiers.cfn_model import CFNConfig, init_cfn, rademacher_targets
 from verifiers.features import CollectConfig, feature_spread
 
 KEY = jax.random.PRNGKey(0)

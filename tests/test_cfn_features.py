@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from policies.base import Candidates
-from verifiers.cfn import CFNConfig, fit_cfn, pseudo_counts
+from verifiers.base import BuildContext
+from verifiers.cfn import fit_cfn
+from verifiers.cfn_model import CFNConfig, pseudo_counts
 from verifiers.features import CollectConfig, collect_features, noise_bank
 from verifiers.registry import make_verifier, select
 
@@ -112,7 +114,7 @@ def test_fit_cfn_end_to_end(tmp_path):
     st = fit_cfn(pol, params, data, cfg, KEY, out_dir=str(tmp_path / "v"))
     info = json.load(open(tmp_path / "v" / "fit_info.json"))
     assert info["collect"]["num_states"] == 60 and len(info["history"]) == 3
-    v = make_verifier("cfn", path=str(tmp_path / "v"))
+    v = make_verifier("cfn", BuildContext(fitted_dir=str(tmp_path / "v")))
     assert v.state.config.collect.num_search == 50
     ctx = pol.encode(params, {"state": jnp.asarray(data["obs"]["state"][0])})
     c = pol.sample(params, ctx, KEY, 8)

@@ -2,8 +2,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from algos.common.config import ConfigError, apply_overrides, from_dict, stable_hash, to_dict
-from algos.common.io import read_json, write_json
+from core.config import ConfigError, apply_overrides, from_dict, stable_hash, to_dict
+from core.io import read_json, write_json
+from experiments.config import load_run_config
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,17 @@ def test_atomic_json_leaves_no_temp(tmp_path):
     write_json(tmp_path / "x" / "r.json", {"a": 1})
     assert read_json(tmp_path / "x" / "r.json") == {"a": 1}
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["r.json"]
+
+
+def test_policy_stage_ignores_the_fields_the_run_sets():
+    """RunConfig.train_config overwrites policy.tasks/datasets/variant, so changing them must not
+    re-key (and retrain) the policy stage; a field SFT reads must."""
+    from experiments.grid import stage_keys
+    from experiments.pipeline import POLICY, STAGES
+
+    base = load_run_config(None, [])
+    key = stage_keys(base, STAGES)[POLICY.name]
+    for dead in ("policy.tasks=[sort]", "policy.variant=layout", "policy.datasets=[x]"):
+        assert stage_keys(load_run_config(None, [dead]), STAGES)[POLICY.name] == key, dead
+    for live in ("policy.steps=10", "policy.flow.width=64", "task=push", "demos.episodes=5"):
+        assert stage_keys(load_run_config(None, [live]), STAGES)[POLICY.name] != key, live

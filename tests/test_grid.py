@@ -13,13 +13,27 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from grid_toy import STAGES, ToyConfig
 
-from algos.common.config import ConfigError
-from experiments.grid import expand, grid_status, load_spec, run_grid
-from experiments.grid_toy import STAGES, ToyConfig
-from experiments.stage_cache import COMPLETE, check_stage
+from core.config import ConfigError
+from experiments.grid import (
+    COMPLETE,
+    GridOptions,
+    check_stage,
+    expand,
+    grid_status,
+    load_spec,
+    run_grid,
+)
 
 PY = sys.executable
+TESTS = Path(__file__).resolve().parent
+
+
+def with_tests_on_path(env) -> dict:
+    """``env`` with ``tests/`` on PYTHONPATH, so processes pytest did not start import grid_toy."""
+    return {**env, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)}
 
 
 def spec(**axes):
@@ -42,7 +56,7 @@ def stage_counts(counter: Path) -> collections.Counter:
 
 
 def run(s, out, **kw):
-    return run_grid(s, out, STAGES, ToyConfig, quiet=True, **kw)
+    return run_grid(s, out, STAGES, ToyConfig, GridOptions(quiet=True, **kw))
 
 
 # --- spec validation ----------------------------------------------------------------------------
@@ -169,9 +183,11 @@ def test_sigkill_midway_then_resume(tmp_path):
     counter.mkdir()
     out = tmp_path / "g"
     s = _spec_for_kill(counter)
-    script = (f"from experiments.grid import run_grid; from experiments.grid_toy import STAGES, "
-              f"ToyConfig; run_grid({s!r}, {str(out)!r}, STAGES, ToyConfig, quiet=True)")
-    proc = subprocess.Popen([PY, "-c", script], start_new_session=True)
+    script = (f"from experiments.grid import GridOptions, run_grid; from grid_toy import STAGES, "
+              f"ToyConfig; run_grid({s!r}, {str(out)!r}, STAGES, ToyConfig, "
+              f"GridOptions(quiet=True))")
+    proc = subprocess.Popen([PY, "-c", script], start_new_session=True,
+                            env=with_tests_on_path(os.environ))
     deadline = time.time() + 60
     while time.time() < deadline:
         n_done = len(list(out.glob("cells/*/_DONE")))
@@ -207,9 +223,9 @@ def test_sigkill_midway_then_resume(tmp_path):
 CONCURRENT = textwrap.dedent("""
     import sys, json
     from pathlib import Path
-    from experiments.grid_toy import ToyConfig, ToyTrain
-    from experiments.stage_cache import Stage, ensure_stage
-    import experiments.grid_toy as toy
+    from grid_toy import ToyConfig, ToyTrain
+    from experiments.grid import Stage, ensure_stage
+    import grid_toy as toy
     cfg = ToyConfig(counter_dir=sys.argv[2], sleep_s=1.5)
     stage = Stage("data", ("task", "seed"), (), toy.make_data)
     path, built = ensure_stage(Path(sys.argv[1]), stage, "k123", cfg, {})
@@ -221,7 +237,8 @@ def test_concurrent_builders_build_once(tmp_path):
     counter = tmp_path / "count"
     counter.mkdir()
     procs = [subprocess.Popen([PY, "-c", CONCURRENT, str(tmp_path / "g"), str(counter)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+                              stdout=subprocess.PIPE, text=True,
+                              env=with_tests_on_path(os.environ)) for _ in range(2)]
     outs = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert sorted(o["built"] for o in outs) == [False, True]
@@ -292,8 +309,10 @@ def test_local_process_pool_matches_inline(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_backend_matches_local(tmp_path):
+def test_ray_backend_matches_local(tmp_path, monkeypatch):
     pytest.importorskip("ray", reason="ray is not installed (pip install 'steerlab[ray]')")
+    # Ray workers inherit the environment of the local instance this test starts.
+    monkeypatch.setenv("PYTHONPATH", with_tests_on_path(os.environ)["PYTHONPATH"])
     s = {"name": "ray", "axes": {"verifier.name": ["random", "consensus", "cfn"],
                                  "eval.M": [1, 2, 4, 8], "seed": [0, 1]}}
     local = run(s, tmp_path / "local", workers=2)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import envs
-from algos.common.config import ConfigError
-from analysis.stats import spearman
+from core.config import ConfigError
+from core.stats import spearman
 from envs import experts
 from experiments.config import load_run_config
 from experiments.harness import (
@@ -18,6 +18,7 @@ from experiments.harness import (
     summarize,
 )
 from policies import FlowConfig, example_obs, make_policy
+from verifiers.base import BuildContext
 from verifiers.registry import make_verifier
 
 TINY = FlowConfig(width=32, depth=1, heads=2, expert_width=16, expert_heads=2, num_steps=2,
@@ -35,7 +36,7 @@ def tiny():
 
 def _setup(env, policy, verifier, **eval_kw):
     cfg = EvalConfig(timing_decisions=0, **eval_kw)
-    oracle = make_verifier("oracle_sim", env=env, horizon=cfg.replan)
+    oracle = make_verifier("oracle_sim", BuildContext(env=env, replan=cfg.replan))
     return Setup(env=env, policy=policy, verifier=verifier, cfg=cfg, oracle=oracle,
                  expert=experts)
 
@@ -43,7 +44,7 @@ def _setup(env, policy, verifier, **eval_kw):
 def test_compiled_equals_python_loop(tiny):
     """Same seeds → same episodes, whether compiled (vmap+scan) or stepped in Python."""
     env, policy, params = tiny
-    verifier = make_verifier("oracle_sim", env=env, horizon=2)
+    verifier = make_verifier("oracle_sim", BuildContext(env=env, replan=2))
     setup = _setup(env, policy, verifier, M=3, episodes=4, replan=2)
     compiled = evaluate_compiled(setup, params, None)
     gym_env = envs.TabletopGymEnv(task="reach", max_steps=12)
@@ -79,8 +80,7 @@ def test_oracle_sim_beats_random_on_progress(tiny):
     env, policy, params = tiny
     out = {}
     for name in ("random", "oracle_sim"):
-        v = make_verifier(name, env=env, horizon=4) if name == "oracle_sim" else \
-            make_verifier(name)
+        v = make_verifier(name, BuildContext(env=env, replan=4))
         out[name] = evaluate_compiled(_setup(env, policy, v, M=8, episodes=16, replan=4),
                                       params, None)
     assert out["oracle_sim"]["progress"].mean() > out["random"]["progress"].mean()
@@ -125,3 +125,19 @@ def test_bad_config_is_a_clear_error(override, match):
 def test_unknown_config_field_names_it():
     with pytest.raises(ConfigError, match=r"unknown field eval\.horizon.*allowed"):
         load_run_config(None, ["eval.horizon=3"])
+
+
+def test_sft_eval_is_the_harness_m1(tiny):
+    """SFT's in-training success is measured on the harness's initial states and decision keys,
+    so the two "M = 1 success" figures are the same number, episode for episode."""
+    from algos.sft import rollout_success
+
+    env, policy, params = tiny
+    setup = _setup(env, policy, make_verifier("random"), M=1, episodes=16, replan=2, seed=7)
+    harness = evaluate_compiled(setup, params, None)
+    sft = rollout_success(env, policy, params, seed=7, episodes=16, replan=2)
+    assert float(sft["success_rate"]) == pytest.approx(harness["success"].mean())
+    assert float(sft["progress"]) == pytest.approx(harness["progress"].mean(), abs=1e-6)
+    # a different seed draws other states: the figure is not seed-blind
+    other = rollout_success(env, policy, params, seed=8, episodes=16, replan=2)
+    assert float(other["progress"]) != pytest.approx(float(sft["progress"]), abs=1e-6)

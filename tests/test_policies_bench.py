@@ -5,7 +5,7 @@ import numpy as np
 
 from policies import FlowConfig, make_policy
 from policies.bench import bench_sampling
-from verifiers.cfn import CFNConfig, cfn_score_fn, init_cfn
+from verifiers.cfn_model import CFNConfig, init_cfn, pseudo_counts
 
 TINY = FlowConfig(state_dim=5, instruction_len=6, vocab_size=20, num_tasks=3, horizon=4,
                   patch_size=16, width=32, depth=1, heads=2, expert_width=16, expert_heads=2,
@@ -18,7 +18,8 @@ def test_bench_fields_and_score_hook():
            "instruction": np.array([1, 2, 0, 0, 0, 0], np.int32), "task_id": np.int32(0)}
     params = pol.init(jax.random.PRNGKey(0), obs)
     cfn = init_cfn(CFNConfig(hidden_dim=8, depth=1), pol.feature_dim, jax.random.PRNGKey(1))
-    res = bench_sampling((pol, params, obs), Ms=(1, 32), repeats=2, score_fn=cfn_score_fn(cfn))
+    res = bench_sampling((pol, params, obs), Ms=(1, 32), repeats=2,
+                         score_fn=lambda o, c, k: pseudo_counts(cfn, c.features))
     assert set(res["cached_ms"]) == {1, 32} and set(res["naive_ms"]) == {1, 32}
     f = pol.flop_counts()
     p, s = f["prefix"], f["expert_per_candidate"]

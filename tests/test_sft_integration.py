@@ -6,9 +6,9 @@ import os
 import jax
 import numpy as np
 
-from algos.sft import TrainConfig, load_policy, train_policy
+from algos.sft import TrainConfig, load_checkpoint, train_policy
 from envs.dataset import write_demos
-from policies import FlowConfig
+from policies import FlowConfig, load_policy
 
 
 def test_train_on_suite_demos_and_evaluate(tmp_path):
@@ -25,8 +25,11 @@ def test_train_on_suite_demos_and_evaluate(tmp_path):
     final = rows[-1]
     assert final["final"] and final["step"] == 4 and final["eval/n_episodes"] == 2
     assert 0.0 <= final["eval/success_rate"] <= 1.0
-    policy, params, loaded = load_policy(run)
+    policy, params = load_policy(run)  # the exported artifact: parameters only
+    _, ckpt_params, loaded = load_checkpoint(run)
     assert loaded.flow.state_dim > 0 and loaded.flow.instruction_len == 16  # filled from the spec
+    assert policy.cfg == loaded.flow
+    jax.tree.map(np.testing.assert_array_equal, params, ckpt_params)
     import envs
 
     _, obs = envs.make("reach").reset(jax.random.PRNGKey(0))

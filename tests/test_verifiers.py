@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from policies.base import Candidates
-from verifiers.registry import VERIFIERS, known_verifiers, make_verifier, select
+from verifiers.base import BuildContext
+from verifiers.registry import PLUGINS, known_verifiers, make_verifier, select
 
 KEY = jax.random.PRNGKey(0)
 
@@ -27,7 +28,7 @@ def test_registry_round_trip():
     for n in ["random", "consensus", "likelihood", "oracle_action"]:
         v = make_verifier(n)
         assert v.name == n and isinstance(v.requires, tuple)
-        assert type(v) is VERIFIERS[n]
+        assert type(v) is PLUGINS[n].verifier
 
 
 def test_unknown_name_lists_known():
@@ -108,7 +109,7 @@ def test_likelihood():
         has_log_prob = False
 
     with pytest.raises(ValueError, match="has_log_prob"):
-        make_verifier("likelihood", policy=NoLogProb())
+        make_verifier("likelihood", BuildContext(policy=NoLogProb()))
 
 
 class LineEnv:
@@ -135,15 +136,15 @@ def test_oracle_sim_ranks_success_then_progress():
     ])
     acts = np.zeros((4, 4, 3))
     acts[..., 0] = moves
-    v = make_verifier("oracle_sim", env=env)
+    v = make_verifier("oracle_sim", BuildContext(env=env))
     s = np.asarray(jax.jit(lambda o, c: v.score(None, o, c, KEY))({"env_state": state},
                                                                   cands(acts)))
     np.testing.assert_allclose(s, [0.4, 2.0, 0.8, 0.9], atol=1e-5)
     # With a replan horizon of 2 steps only the first two moves count.
-    v2 = make_verifier("oracle_sim", env=env, horizon=2)
+    v2 = make_verifier("oracle_sim", BuildContext(env=env, replan=2))
     s2 = np.asarray(v2.score(None, {"env_state": state}, cands(acts), KEY))
     np.testing.assert_allclose(s2, [0.2, 2.0, 0.4, 0.0], atol=1e-5)
-    with pytest.raises(ValueError, match="env="):
+    with pytest.raises(ValueError, match="env"):
         make_verifier("oracle_sim")
 
 

@@ -6,12 +6,15 @@ All scores are f32 [M], higher is better; ``obs`` is one unbatched observation d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from envs.rollout import execute_chunk
 from policies.base import Candidates
+from verifiers.base import BuildContext, VerifierPlugin
 from verifiers.registry import register
 
 
@@ -27,7 +30,6 @@ def pairwise_l2(x: jax.Array) -> jax.Array:
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
-@register("random")
 class RandomVerifier:
     """Uniform scores from the key: selection is a uniformly random candidate."""
 
@@ -41,7 +43,6 @@ class RandomVerifier:
         return jax.random.uniform(key, (candidates.actions.shape[0],))  # [M]
 
 
-@register("consensus")
 class ConsensusVerifier:
     """Medoid: score = -mean L2 distance of a candidate's chunk to the other candidates."""
 
@@ -57,7 +58,6 @@ class ConsensusVerifier:
         return -jnp.sum(d, axis=1) / max(m - 1, 1)
 
 
-@register("likelihood")
 class LikelihoodVerifier:
     """The policy's own log-probability of each candidate (AR token policies)."""
 
@@ -79,7 +79,6 @@ class LikelihoodVerifier:
         return candidates.log_prob.astype(jnp.float32)
 
 
-@register("oracle_action")
 class OracleActionVerifier:
     """-L2 distance to the expert's chunk at this state (obs["expert_chunk"], f32 [H, A])."""
 
@@ -100,7 +99,6 @@ class OracleActionVerifier:
         return -jnp.sqrt(jnp.sum(diff**2, axis=-1))
 
 
-@register("oracle_sim")
 class OracleSimVerifier:
     """Executes each candidate from a copy of the true simulator state and scores the outcome.
 
@@ -129,18 +127,35 @@ class OracleSimVerifier:
             raise ValueError("verifier 'oracle_sim': obs has no 'env_state' entry")
         h_chunk = candidates.actions.shape[1]
         h = h_chunk if self.horizon is None else min(self.horizon, h_chunk)
-        env_state = obs["env_state"]
-
-        def rollout(chunk):  # [H, A] -> (success, progress)
-            def step(carry, action):
-                state, succ, prog = carry
-                state, _, _, _, info = self.env.step(state, action)
-                succ = jnp.logical_or(succ, jnp.asarray(info["success"], bool))
-                return (state, succ, jnp.asarray(info["progress"], jnp.float32)), None
-
-            init = (env_state, jnp.asarray(False), jnp.asarray(0.0, jnp.float32))
-            (_, succ, prog), _ = jax.lax.scan(step, init, chunk[:h])
-            return succ, prog
+        def rollout(chunk):  # [H, A] -> (success, progress) after h steps
+            _, (_, _, succ, prog) = execute_chunk(self.env, obs["env_state"], None, chunk[:h])
+            return succ[-1], prog[-1]  # the env freezes after done: the last step is the outcome
 
         succ, prog = jax.vmap(rollout)(candidates.actions)  # [M], [M]
         return prog + self.success_bonus * succ.astype(jnp.float32)
+
+
+@dataclass(frozen=True)
+class OracleSimConfig:
+    success_bonus: float = 1.0
+    """added to the progress of a candidate that succeeds within the executed steps"""
+
+
+def _stateless(cls):
+    return VerifierPlugin(cls, build=lambda cfg, ctx: cls())
+
+
+register(_stateless(RandomVerifier))
+register(_stateless(ConsensusVerifier))
+register(VerifierPlugin(LikelihoodVerifier, build=lambda cfg, ctx: LikelihoodVerifier(ctx.policy)))
+# oracle_action needs the expert's chunk at every decision: a reference for grids, not a quickstart
+# arm (oracle_sim is the quickstart's upper bound).
+register(VerifierPlugin(OracleActionVerifier, build=lambda cfg, ctx: OracleActionVerifier(),
+                        quickstart=False))
+
+
+def _build_oracle_sim(cfg: OracleSimConfig, ctx: BuildContext) -> OracleSimVerifier:
+    return OracleSimVerifier(ctx.env, horizon=ctx.replan, success_bonus=cfg.success_bonus)
+
+
+register(VerifierPlugin(OracleSimVerifier, build=_build_oracle_sim, config=OracleSimConfig))

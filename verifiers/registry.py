@@ -1,86 +1,49 @@
 """Verifiers by name, and the selection rule that turns scores into one executed candidate.
 
-    v = make_verifier("consensus")                 # or "cfn", state=... / path=...
+    v = make_verifier("consensus")                    # or make_verifier(name, context, config)
     scores = v.score(v.state, obs, candidates, key)   # f32 [M], higher is better
     i = select(scores, key, mode="argmax")            # int32 [], ties broken at random
 
-Every verifier carries its default state in ``v.state`` (``None`` for stateless ones), so the
-harness can call ``v.score(v.state, ...)`` for all of them alike.
+Plugins register themselves with ``register`` when their module is imported; the package's
+``__init__`` imports each plugin module once (one line per module).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from verifiers.base import Verifier
+from verifiers.base import BuildContext, Verifier, VerifierPlugin
 
-# name -> factory(**options) -> Verifier
-VERIFIERS: dict[str, Callable[..., Verifier]] = {}
-# name -> fit_cli(policy_run_dir, dataset_path, out, overrides) -> out dir
-FITTERS: dict[str, Callable[..., str]] = {}
-
-# Modules that register verifiers when imported; later modules join by being listed here.
-_MODULES = ("verifiers.baselines", "verifiers.cfn")
-_loaded = False
+PLUGINS: dict[str, VerifierPlugin] = {}
 
 SELECT_MODES = ("argmax", "softmax")
-REQUIREMENTS = ("features", "log_prob", "env_state", "expert_chunk")
 
 
-def register(name: str, fit_cli: Callable[..., str] | None = None):
-    """Class/function decorator: ``@register("consensus")`` makes it buildable by name."""
-
-    def deco(factory):
-        if name in VERIFIERS and VERIFIERS[name] is not factory:
-            raise ValueError(f"verifier {name!r} is registered twice")
-        VERIFIERS[name] = factory
-        if fit_cli is not None:
-            FITTERS[name] = fit_cli
-        return factory
-
-    return deco
-
-
-def _load_builtin() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for mod in _MODULES:
-        importlib.import_module(mod)
-    _loaded = True
+def register(plugin: VerifierPlugin) -> VerifierPlugin:
+    if plugin.name in PLUGINS and PLUGINS[plugin.name] is not plugin:
+        raise ValueError(f"verifier {plugin.name!r} is registered twice")
+    PLUGINS[plugin.name] = plugin
+    return plugin
 
 
 def known_verifiers() -> list[str]:
-    _load_builtin()
-    return sorted(VERIFIERS)
+    return sorted(PLUGINS)
 
 
-def make_verifier(name: str, **options: Any) -> Verifier:
-    """Builds the verifier registered as ``name``; unknown names raise with the known ones."""
-    _load_builtin()
-    if name not in VERIFIERS:
-        raise ValueError(f"verifier: unknown name {name!r}; known: {sorted(VERIFIERS)}")
-    v = VERIFIERS[name](**options)
-    bad = [r for r in v.requires if r not in REQUIREMENTS]
-    if bad:
-        raise ValueError(f"verifier {name!r}: requires {bad} not in {list(REQUIREMENTS)}")
-    return v
+def get_plugin(name: str) -> VerifierPlugin:
+    if name not in PLUGINS:
+        raise ValueError(f"verifier: unknown name {name!r}; known: {known_verifiers()}")
+    return PLUGINS[name]
 
 
-def fit_verifier_cli(
-    name: str, policy_run_dir: str, dataset_path: str, out: str, overrides: list[str] = ()
-) -> str:
-    """``steerlab fit-verifier NAME --policy RUN_DIR --data PATH --out DIR [k=v ...]``."""
-    _load_builtin()
-    if name not in FITTERS:
-        raise ValueError(f"fit-verifier: unknown or untrainable name {name!r}; "
-                         f"trainable: {sorted(FITTERS)}")
-    return FITTERS[name](policy_run_dir, dataset_path, out, list(overrides))
+def make_verifier(name: str, context: BuildContext | None = None, config: Any = None) -> Verifier:
+    """Builds the verifier registered as ``name`` (its default config unless one is given)."""
+    plugin = get_plugin(name)
+    return plugin.build(plugin.config() if config is None else config,
+                        context or BuildContext())
 
 
 def select(

@@ -1,7 +1,10 @@
 """A toy pipeline for the grid engine: cheap arithmetic stages shaped like the real ones
-(data → policy → verifier → eval), importable by worker processes. Each stage build appends one
-line ``<stage>:<out_dir name>`` to ``<counter_dir>/builds.txt`` so tests can count what was
-computed."""
+(data → policy → verifier → eval). Each stage build appends one line ``<stage>:<out_dir name>``
+to ``<counter_dir>/builds.txt`` so tests can count what was computed.
+
+Workers import these functions by module path as ``grid_toy``: pytest puts ``tests/`` on
+``sys.path`` and spawn workers inherit it; other processes (``python -c``, Ray workers) need
+``tests/`` on ``PYTHONPATH``."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from experiments.stage_cache import Stage
+from experiments.grid import Stage
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from algos.common.io import read_json, write_json
+from core.io import read_json, write_json
 
 COMPLETE = "_COMPLETE.json"
 

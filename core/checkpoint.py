@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -40,3 +41,36 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def save_pytree(path: str, tree: Any) -> None:
+    """One pytree (e.g. exported parameters) under ``path``, written to a temporary directory
+    first and renamed, so a reader never sees half a checkpoint."""
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp, tree)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    if os.path.exists(path):  # replacing: move the old one aside first (a directory)
+        old = f"{path}.old"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def restore_pytree(path: str, target: Any) -> Any:
+    """Restores what ``save_pytree`` wrote into the structure of ``target`` (arrays or
+    ``jax.ShapeDtypeStruct``s; None: as saved)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"nothing saved at {path}")
+    abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        return ckptr.restore(os.path.abspath(path), abstract)
+    finally:
+        ckptr.close()
