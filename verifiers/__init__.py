@@ -6,3 +6,4 @@ one line here.
 
 import verifiers.baselines  # noqa: F401  random, consensus, likelihood, oracle_action, oracle_sim
 import verifiers.cfn  # noqa: F401
+import verifiers.knn  # noqa: F401
