@@ -39,7 +39,9 @@ def _verifier_config_class() -> type:
     for name, plugin in sorted(PLUGINS.items()):
         if dataclasses.fields(plugin.config):
             fields.append((name, plugin.config, field(default_factory=plugin.config)))
-    return dataclasses.make_dataclass("VerifierConfig", fields, frozen=True)
+    cls = dataclasses.make_dataclass("VerifierConfig", fields, frozen=True)
+    cls.__module__ = __name__  # picklable by name, as worker processes receive run configs
+    return cls
 
 
 VerifierConfig = _verifier_config_class()

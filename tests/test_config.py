@@ -71,3 +71,11 @@ def test_policy_stage_ignores_the_fields_the_run_sets():
         assert stage_keys(load_run_config(None, [dead]), STAGES)[POLICY.name] == key, dead
     for live in ("policy.steps=10", "policy.flow.width=64", "task=push", "demos.episodes=5"):
         assert stage_keys(load_run_config(None, [live]), STAGES)[POLICY.name] != key, live
+
+
+def test_run_config_pickles():
+    """Grid workers (spawned processes, Ray tasks) receive run configs by pickling."""
+    import pickle
+
+    cfg = load_run_config(None, ["verifier.name=cfn", "verifier.cfn.epochs=2"])
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
