@@ -342,8 +342,7 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
 
     def run_eval(step):
         t0 = time.perf_counter()
-        p = state.ema if cfg.ema_decay > 0 else state.params
-        res = jax.device_get(evaluate(p))
+        res = jax.device_get(evaluate(deployed_params(cfg, state)))
         row = {"step": step, "eval/success_rate": float(res["success_rate"]),
                "eval/progress": float(res["progress"]), "eval/n_episodes": cfg.eval_episodes,
                "time/eval_s": time.perf_counter() - t0}
@@ -382,9 +381,9 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
                 bar.update(task, completed=step, loss=info["loss"], sps=sps)
             if heldout_loss is not None and (step == cfg.steps or (
                     cfg.heldout_every > 0 and step % cfg.heldout_every == 0)):
-                p = state.ema if cfg.ema_decay > 0 else state.params
-                _log(metrics_path, {"step": step, "heldout/loss": float(heldout_loss(
-                    p, heldout)), "heldout/chunks": int(heldout["actions"].shape[0])})
+                loss = heldout_loss(deployed_params(cfg, state), heldout)
+                _log(metrics_path, {"step": step, "heldout/loss": float(loss),
+                                    "heldout/chunks": int(heldout["actions"].shape[0])})
             if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.steps:
                 run_eval(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -399,11 +398,15 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
     return run_dir
 
 
+def deployed_params(cfg: TrainConfig, state: TrainState):
+    """The parameters that are evaluated and exported: the EMA when it is on."""
+    return state.ema if cfg.ema_decay > 0 else state.params
+
+
 def _export(run_dir: str, policy, cfg: TrainConfig, state: TrainState) -> None:
     """The finished policy as a policy artifact (``run_dir/policy``), what evaluation loads."""
     if not os.path.isfile(os.path.join(run_dir, "policy", POLICY_FILE)):
-        save_policy(os.path.join(run_dir, "policy"), policy,
-                    state.ema if cfg.ema_decay > 0 else state.params)
+        save_policy(os.path.join(run_dir, "policy"), policy, deployed_params(cfg, state))
 
 
 def load_config(run_dir: str) -> TrainConfig:
@@ -421,4 +424,4 @@ def load_checkpoint(run_dir: str, step: int | None = None):
     ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), cfg.keep_last)
     state = ckpt.restore(target, step)
     ckpt.close()
-    return policy, (state.ema if cfg.ema_decay > 0 else state.params), cfg
+    return policy, deployed_params(cfg, state), cfg

@@ -47,6 +47,7 @@ from envs.mixture import (
     validate_mix,
 )
 from envs.tabletop import make
+from envs.transitions import chunk_rows
 from envs.transitions import transitions as _transitions
 
 SCHEMA_VERSION = 2
@@ -289,6 +290,11 @@ class Dataset:
     def __getitem__(self, key: str) -> np.ndarray:
         return self.steps[key] if key in self.steps else self.episodes[key]
 
+    def step_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per step, its episode's first row and exclusive end row -> (start, end) [N]."""
+        ep = self.steps["episode"].astype(np.int64)
+        return self._starts[ep], (self._starts + self.episodes["length"])[ep]
+
     def chunks(self, H: int) -> dict:
         """Chunked view for training: at every step, the next H actions of its episode.
 
@@ -299,10 +305,7 @@ class Dataset:
         if not isinstance(H, int) or H < 1:
             raise ValueError(f"H: must be a positive int, got {H!r}")
         ep = self.steps["episode"].astype(np.int64)
-        ends = (self._starts + self.episodes["length"])[ep]  # [N] exclusive end of own episode
-        idx = np.arange(self.num_steps)[:, None] + np.arange(H)[None, :]  # [N, H]
-        valid = idx < ends[:, None]
-        idx = np.minimum(idx, ends[:, None] - 1)
+        idx, valid = chunk_rows(np.arange(self.num_steps), self.step_bounds()[1], H)
         return {
             "obs": self.obs,
             "actions": self.steps["action"][idx],

@@ -53,17 +53,9 @@ def check_args(H, replan, gamma) -> None:
         raise ValueError(f"gamma: must be a number with 0 <= gamma <= 1, got {gamma!r}")
 
 
-def episode_bounds(lengths: np.ndarray, episode: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per step, the first row and the exclusive end row of its episode -> (start, end) [N]."""
-    lengths = np.asarray(lengths, np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    ep = np.asarray(episode, np.int64)
-    return starts[ep], (starts + lengths)[ep]
-
-
 def chunk_rows(rows: np.ndarray, end: np.ndarray, H: int) -> tuple[np.ndarray, np.ndarray]:
     """Step rows of the H-step chunk from each row, clipped to its episode's last step (so the
-    last action repeats, as in ``Dataset.chunks``) -> (idx [D, H], valid [D, H])."""
+    last action repeats) -> (idx [D, H], valid [D, H]); ``Dataset.chunks`` indexes the same way."""
     idx = rows[:, None] + np.arange(H)[None, :]
     valid = idx < end[:, None]
     return np.minimum(idx, end[:, None] - 1), valid
@@ -98,7 +90,7 @@ def transitions(demos: Dataset, H: int, replan: int, gamma: float) -> dict:
     """
     check_args(H, replan, gamma)
     steps = demos.steps
-    start, end = episode_bounds(demos.episodes["length"], steps["episode"])
+    start, end = demos.step_bounds()
     t = np.arange(len(start)) - start  # step within the episode
     rows = np.flatnonzero(t % replan == 0)  # decisions, in episode order
     last = rows + replan >= end[rows]  # the episode's last decision

@@ -26,8 +26,8 @@ from envs.rollout import (
     split_episode_key,
     unroll,
 )
+from verifiers.registry import SELECT_MODES, select
 
-SELECTIONS = ("argmax", "softmax")
 PRIVILEGED = ("env_state", "expert_chunk")
 
 
@@ -66,8 +66,9 @@ class EvalConfig:
             raise ValueError(
                 f"eval.replan must be <= the policy's chunk length H={horizon}, got {self.replan}"
             )
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"eval.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.selection not in SELECT_MODES:
+            raise ValueError(f"eval.selection must be one of {SELECT_MODES}, got "
+                             f"{self.selection!r}")
         if self.selection == "softmax" and not self.temperature > 0:
             raise ValueError(f"eval.temperature must be > 0, got {self.temperature}")
         if self.max_steps < 0:
@@ -111,8 +112,6 @@ def verifier_obs(setup: Setup, obs: dict, env_state: Any, k_expert: jax.Array) -
 
 def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key):
     """One decision for one env: returns (chosen chunk [H, A], index, scores [M], candidates)."""
-    from verifiers.registry import select
-
     k_sample, k_score, k_select = decision_keys(key)
     context = setup.policy.encode(pparams, obs)
     cands = setup.policy.sample(pparams, context, k_sample, setup.cfg.M)
@@ -199,8 +198,6 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]
     whose weak types differ). Episodes restart when they end.
     """
     warmup = 2
-    from verifiers.registry import select
-
     env, policy, verifier, cfg = setup.env, setup.policy, setup.verifier, setup.cfg
     encode, sample, act, reset = _phase_fns(policy, env, cfg.M, cfg.replan)
     vobs = jax.jit(lambda o, s, k: verifier_obs(setup, o, s, k))

@@ -13,9 +13,7 @@ import functools
 import jax
 import numpy as np
 
-from experiments.harness import Setup, decide, episode_keys, split_episode_key
-
-STATE_NEEDS = ("env_state", "expert_chunk")  # verifier requirements built from the env state
+from experiments.harness import PRIVILEGED, Setup, decide, episode_keys, split_episode_key
 
 
 @functools.lru_cache(maxsize=16)
@@ -45,7 +43,7 @@ def run_batch(setup: Setup, driver, decide_fn, pparams, vstate, episodes: np.nda
     k_reset, k_expert, k_decisions = batch_keys(setup, padded)
     obs, infos = driver.reset([cfg.seed + int(i) for i in padded],
                               [{"key": k} for k in k_reset])
-    needs_state = any(r in STATE_NEEDS for r in setup.verifier.requires)
+    needs_state = any(r in PRIVILEGED for r in setup.verifier.requires)
     active = np.arange(B) < n
     success, progress = np.zeros(B, bool), np.zeros(B, np.float32)
     steps = np.zeros(B, np.int64)

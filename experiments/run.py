@@ -88,8 +88,7 @@ def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = 
     t0 = time.perf_counter()
     records = evaluate_compiled(setup, params, vstate)
     eval_s = time.perf_counter() - t0
-    experts = get_suite(cfg.suite).experts
-    metrics = summarize(records, experts.MODES[cfg.task] if experts is not None else ())
+    metrics = summarize(records, setup.expert.MODES[cfg.task] if setup.expert else ())
     metrics["eval_s"] = eval_s
     if cfg.eval.timing_decisions:
         metrics.update(time_phases(setup, params, vstate, cfg.eval.timing_decisions))
