@@ -1,0 +1,8 @@
+"""Learners and adapters (see ``algos.base``).
+
+Each import below registers the adapters its module defines; a new adapter is one module plus
+one line here.
+"""
+
+import algos.clip  # noqa: F401  clip_to_data
+import algos.registry  # noqa: F401  none (execute the chosen candidate)

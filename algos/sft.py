@@ -10,6 +10,8 @@ Run directory:
     metrics.jsonl    one row per log point / evaluation
     ckpt/<step>/     Orbax checkpoints, the last ``keep_last`` kept
     policy/          the finished policy (``policies.load_policy``), exported at the last step
+
+The chunk data live in ``algos.sft_data``, the run directory's files in ``algos.sft_run``.
 """
 
 from __future__ import annotations
@@ -24,13 +26,22 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
+from algos.sft_data import (  # noqa: F401  heldout_episodes: part of this module's API
+    check_data_fits,
+    dataset_paths,
+    default_dataset_path,
+    heldout_episodes,
+    heldout_loss_fn,
+    load_data,
+    split_heldout,
+)
+from algos.sft_run import check_run_dir, has_final, log_row, truncate_metrics
 from core.checkpoint import Checkpointer
-from core.config import from_dict, to_dict
-from core.io import write_text
+from core.config import ConfigError, from_dict, to_dict
+from core.io import BadFileError, read_json_object, write_text
 from envs.rollout import decision_keys, episode_keys, num_decisions, unroll
 from policies import ARConfig, FlowConfig, example_obs, make_policy, save_policy
 from policies.registry import POLICY_FILE
@@ -113,10 +124,6 @@ class TrainConfig:
                              f"policy horizon ({self.policy_config.horizon})")
 
 
-def default_dataset_path(task: str) -> str:
-    return os.path.join("data", "demos", task)
-
-
 def default_train_config(task: str, policy: str = "flow") -> TrainConfig:
     """Defaults sized to train on 2 CPU cores in about ten minutes."""
     return TrainConfig(policy=policy, tasks=(task,), datasets=(default_dataset_path(task),))
@@ -147,56 +154,6 @@ def resolve_config(cfg: TrainConfig, spec) -> TrainConfig:
     """Fills policy size fields left at 0 from the env spec."""
     return dataclasses.replace(cfg, flow=cfg.flow.with_spec(spec),
                                autoregressive=cfg.autoregressive.with_spec(spec))
-
-
-def load_data(cfg: TrainConfig) -> dict:
-    """Concatenated chunk arrays of all tasks' datasets: obs, actions [N, H, A], valid [N, H],
-    and heldout bool [N] (the chunk's episode is held out, see ``heldout_episodes``)."""
-    from envs.dataset import load_demos
-
-    paths = cfg.datasets or tuple(default_dataset_path(t) for t in cfg.tasks)
-    h = cfg.policy_config.horizon
-    parts = [load_demos(p).chunks(h) for p in paths]
-    keys = ["state", "instruction", "task_id"] + (["image"] if cfg.policy_config.image else [])
-    obs = {k: np.concatenate([np.asarray(p["obs"][k]) for p in parts]) for k in keys}
-    heldout = [heldout_episodes(np.asarray(p["episode"]), cfg.heldout) for p in parts]
-    return {"obs": obs,
-            "actions": np.concatenate([np.asarray(p["actions"], np.float32) for p in parts]),
-            "valid": np.concatenate([np.asarray(p["valid"], bool) for p in parts]),
-            "heldout": np.concatenate(heldout)}
-
-
-def heldout_episodes(episode: np.ndarray, fraction: float) -> np.ndarray:
-    """bool [N]: whether each episode index is held out; a fixed hash of the index, so the split
-    does not move when datasets grow or the seed changes."""
-    h = (np.asarray(episode, np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
-    return h < np.uint64(fraction * 2**32)
-
-
-def split_heldout(data: dict, max_heldout: int = 4096) -> tuple[dict, dict | None]:
-    """(training chunks, at most ``max_heldout`` held-out chunks or None)."""
-    mask = np.asarray(data.pop("heldout", np.zeros(len(data["actions"]), bool)))
-    take = lambda m: jax.tree.map(lambda x: np.asarray(x)[m], data)
-    held = np.flatnonzero(mask)[:max_heldout]
-    return take(~mask), (take(held) if len(held) else None)
-
-
-@functools.lru_cache(maxsize=8)
-def heldout_loss_fn(policy, batch: int = 512):
-    """A jitted ``loss(params, chunks) -> mean flow loss`` with fixed (t, noise) draws per
-    chunk index, so values are comparable between steps and between runs."""
-
-    def one(params, b, i):
-        return policy.loss(params, b, jax.random.fold_in(jax.random.PRNGKey(0), i))[0]
-
-    @jax.jit
-    def loss(params, chunks):
-        n = chunks["actions"].shape[0] // batch * batch
-        parts = jax.tree.map(lambda x: x[:n].reshape(-1, batch, *x.shape[1:]), chunks)
-        return jnp.mean(jax.lax.map(lambda a: one(params, a[0], a[1]),
-                                    (parts, jnp.arange(n // batch))))
-
-    return loss
 
 
 def init_state(policy, cfg: TrainConfig, tx) -> TrainState:
@@ -244,7 +201,13 @@ def _make_update(policy, cfg: TrainConfig):
 
     def update(state, data, n):
         state, infos = jax.lax.scan(lambda s, _: one(s, data), state, None, length=n)
-        return state, jax.tree.map(jnp.mean, infos)
+        # index in this call of the first step whose loss (or, for the last step, whose
+        # updated params) is not finite; -1 when all are
+        bad = ~jnp.isfinite(infos["loss"])
+        params_ok = jnp.all(jnp.stack([jnp.isfinite(x).all()
+                                       for x in jax.tree.leaves(state.params)]))
+        first_bad = jnp.where(bad.any(), jnp.argmax(bad), jnp.where(params_ok, -1, n - 1))
+        return state, {**jax.tree.map(jnp.mean, infos), "first_nonfinite": first_bad}
 
     return jax.jit(update, static_argnames="n", donate_argnums=0)
 
@@ -263,25 +226,23 @@ def rollout_success(env, policy, params, seed: int, episodes: int, replan: int) 
     return {"success_rate": success.mean(), "progress": progress.mean()}
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """On resume, drop rows logged after the restored checkpoint (they will be redone)."""
-    if not os.path.exists(path):
+class NonFiniteLossError(ValueError):
+    """Training diverged: a loss or the updated params are not finite."""
+
+
+def _raise_if_nonfinite(info: dict, step: int, ckpt: Checkpointer, cfg: TrainConfig) -> None:
+    """Stops a diverged run (closing its checkpointer) before it logs or checkpoints anything of
+    the failing call, so its last checkpoint stays the last good one."""
+    k = int(info.pop("first_nonfinite"))
+    if k < 0:
         return
-    with open(path) as f:
-        rows = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    write_text(path, "".join(rows))
-
-
-def _has_final(path: str) -> bool:
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return any(json.loads(ln).get("final") for ln in f if ln.strip())
-
-
-def _log(path: str, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    last = ckpt.latest_step()
+    ckpt.close()
+    kept = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
+            else f"no checkpoint was written to {ckpt.directory}")
+    raise NonFiniteLossError(f"training loss is not finite at step {step + k + 1}; {kept} "
+                             f"(lower lr={cfg.lr:g} or grad_clip={cfg.grad_clip:g}, or check "
+                             "the data)")
 
 
 def _boundaries(cfg: TrainConfig, step: int) -> int:
@@ -308,30 +269,30 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
         env = envs.make(cfg.tasks[0], cfg.variant, image=pc.image)
     if env is not None:
         cfg = resolve_config(cfg, env.spec)
-    cfg_path = os.path.join(run_dir, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
-        if old != to_dict(cfg):
-            raise ValueError(f"{run_dir} holds a run with a different config; "
-                             "use a new run directory")
+    check_run_dir(run_dir, to_dict(cfg))
+    where = "the training data" if data is not None else f"datasets {list(dataset_paths(cfg))}"
     if data is None:
-        data = load_data(cfg)  # before anything is written: a bad dataset leaves no debris
+        data = load_data(cfg)
     data, heldout = split_heldout(dict(data))
-    data = jax.tree.map(jnp.asarray, data)
-    num_samples = int(data["actions"].shape[0])
-    os.makedirs(run_dir, exist_ok=True)
-    write_text(cfg_path, json.dumps(to_dict(cfg), indent=2))
-
     policy = make_policy(cfg.policy, cfg.policy_config)
     tx = make_optimizer(cfg)
     state = init_state(policy, cfg, tx)
+    check_data_fits(policy, state.params, data, where)
+    data = jax.tree.map(jnp.asarray, data)
+    num_samples = int(data["actions"].shape[0])
+
+    # Inputs are loaded and checked: only now is the run directory written.
+    os.makedirs(run_dir, exist_ok=True)
+    write_text(os.path.join(run_dir, "config.json"), json.dumps(to_dict(cfg), indent=2))
     ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), cfg.keep_last)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if ckpt.latest_step() is None and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # rows of a start that failed before its first checkpoint
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-        _truncate_metrics(metrics_path, int(state.step))
-        if int(state.step) == cfg.steps and _has_final(metrics_path):
+        state = ckpt.restore(state, remedy="delete that step's directory to resume from the "
+                             "checkpoint before it, or use a new run directory")
+        truncate_metrics(metrics_path, int(state.step))
+        if int(state.step) == cfg.steps and has_final(metrics_path):
             ckpt.close()
             _export(run_dir, policy, cfg, state)
             return run_dir  # already finished
@@ -346,7 +307,7 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
         row = {"step": step, "eval/success_rate": float(res["success_rate"]),
                "eval/progress": float(res["progress"]), "eval/n_episodes": cfg.eval_episodes,
                "time/eval_s": time.perf_counter() - t0}
-        _log(metrics_path, row)
+        log_row(metrics_path, row)
         return row
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -366,6 +327,7 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
             n = min(_boundaries(cfg, step), end) - step
             t0 = time.perf_counter()
             state, info = update(state, data, n)
+            _raise_if_nonfinite(info, step, ckpt, cfg)
             step += n
             if compile_s is None:
                 jax.block_until_ready(state.step)
@@ -375,24 +337,24 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
                 now = time.perf_counter()
                 sps = (step - s_log) * cfg.batch_size / max(now - t_log, 1e-9)
                 t_log, s_log = now, step
-                _log(metrics_path, {"step": step, **{f"train/{k}": v for k, v in info.items()},
+                log_row(metrics_path, {"step": step, **{f"train/{k}": v for k, v in info.items()},
                                     "train/lr": float(make_schedule(cfg)(step)), "time/sps": sps,
                                     "time/compile_s": compile_s, "data/samples": num_samples})
                 bar.update(task, completed=step, loss=info["loss"], sps=sps)
             if heldout_loss is not None and (step == cfg.steps or (
                     cfg.heldout_every > 0 and step % cfg.heldout_every == 0)):
                 loss = heldout_loss(deployed_params(cfg, state), heldout)
-                _log(metrics_path, {"step": step, "heldout/loss": float(loss),
+                log_row(metrics_path, {"step": step, "heldout/loss": float(loss),
                                     "heldout/chunks": int(heldout["actions"].shape[0])})
             if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.steps:
                 run_eval(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 ckpt.save(step, state)
+    ckpt.close()
     if step == cfg.steps and cfg.eval_episodes > 0 and env is not None:
         row = run_eval(step)
-        _log(metrics_path, {"step": step, "final": True, **{k: v for k, v in row.items()
+        log_row(metrics_path, {"step": step, "final": True, **{k: v for k, v in row.items()
                                                               if k != "step"}})
-    ckpt.close()
     if step == cfg.steps:
         _export(run_dir, policy, cfg, state)
     return run_dir
@@ -410,8 +372,13 @@ def _export(run_dir: str, policy, cfg: TrainConfig, state: TrainState) -> None:
 
 
 def load_config(run_dir: str) -> TrainConfig:
-    with open(os.path.join(run_dir, "config.json")) as f:
-        return from_dict(TrainConfig, json.load(f))
+    """The TrainConfig of a run directory; errors name its config.json."""
+    path = os.path.join(run_dir, "config.json")
+    data = read_json_object(path, f"it is written by `steerlab train-policy --out {run_dir}`")
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as e:
+        raise BadFileError(f"{path}: {e}") from None
 
 
 def load_checkpoint(run_dir: str, step: int | None = None):
@@ -422,6 +389,8 @@ def load_checkpoint(run_dir: str, step: int | None = None):
     tx = make_optimizer(cfg)
     target = jax.eval_shape(lambda: init_state(policy, cfg, tx))
     ckpt = Checkpointer(os.path.join(run_dir, "ckpt"), cfg.keep_last)
-    state = ckpt.restore(target, step)
-    ckpt.close()
+    try:
+        state = ckpt.restore(target, step, remedy="train the run again")
+    finally:
+        ckpt.close()
     return policy, deployed_params(cfg, state), cfg

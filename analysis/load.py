@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
+from core.io import MissingFileError, read_json, read_json_object
 from core.results import (
     CONFIG_FILE,
     EPISODES_FILE,
@@ -36,6 +38,7 @@ __all__ = [
     "EPISODES_FILE",
     "LOCATION_KEYS",
     "RESULT_FILE",
+    "check_results",
     "find_results",
     "flatten",
     "load_records",
@@ -71,6 +74,24 @@ def varying_columns(df: pd.DataFrame, prefixes: Iterable[str] = ()) -> list[str]
         if vals.astype(str).nunique() > 1:
             cols.append(c)
     return cols
+
+
+def check_results(paths_or_dirs) -> list[Path]:
+    """The result files under ``paths_or_dirs``, each read once: a path that does not exist, or
+    a result.json (or the config.json it relies on) that does not parse, raises naming the
+    file, so a reader stops before writing anything."""
+    single = isinstance(paths_or_dirs, str | os.PathLike)
+    paths = [Path(p) for p in ([paths_or_dirs] if single else paths_or_dirs)]
+    for p in paths:
+        if not p.exists():
+            raise MissingFileError(f"{p}: no such run or grid directory")
+    found = find_results(paths)
+    for f in found:
+        remedy = f"re-run the command that wrote {f.parent}, or move it out of the way"
+        rec = read_json_object(f, remedy)
+        if not isinstance(rec.get("config"), dict) and (f.parent / CONFIG_FILE).is_file():
+            read_json(f.parent / CONFIG_FILE, remedy)
+    return found
 
 
 def read_json_dict(path) -> dict | None:

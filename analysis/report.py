@@ -9,9 +9,12 @@ The table and section builders are pure; ``make_report`` does the reading and th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
+import shutil
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.load import (
+    check_results,
     load_records,
     read_episodes,
     read_json_dict,
@@ -524,18 +528,56 @@ def _figures_section(figures: list[tuple[str, Path | None]], out: Path) -> list[
     return lines
 
 
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A hidden temporary directory to write the report into; its files move to ``out`` (the
+    report last) only when the body succeeds, so a failing report leaves nothing behind."""
+    base = out if out.is_dir() else _existing_ancestor(out.parent)
+    stage = base / f".report.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    stage.mkdir()  # not mkdtemp: its 0700 mode would stay on a new ``out``
+    try:
+        yield stage
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage, out)
+            return
+        names = sorted(os.listdir(stage), key=lambda n: n == REPORT_FILE)
+        for name in names:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _report_dir(dirs: list[Path], out_dir) -> Path:
+    out = Path(out_dir) if out_dir is not None else dirs[0]
+    return out.parent if out.is_file() else out
+
+
 def make_report(dirs, out_dir=None) -> Path:
     """Loads every run under ``dirs`` and writes ``report.md`` plus PNG figures.
 
     The report goes to ``out_dir`` or else the first directory given. Works for one run, a set
-    of runs or a grid directory (its cells are runs).
+    of runs or a grid directory (its cells are runs). A missing directory or an unreadable
+    result.json raises before anything is written.
     """
     dirs = _as_dirs(dirs)
-    out = Path(out_dir) if out_dir is not None else dirs[0]
-    if out.is_file():
-        out = out.parent
-    out.mkdir(parents=True, exist_ok=True)
+    check_results(dirs)
+    out = _report_dir(dirs, out_dir)
     records = load_records(dirs)
+    with _staged(out) as stage:
+        (stage / REPORT_FILE).write_text(_render(records, dirs, stage))
+    return out / REPORT_FILE
+
+
+def _render(records: list[dict], dirs: list[Path], out: Path) -> str:
+    """The report's markdown; its figures are written into ``out``."""
     df = pd.DataFrame([record_row(r) for r in records])
     rows = table_rows(df) if not df.empty else df
 
@@ -562,9 +604,4 @@ def make_report(dirs, out_dir=None) -> Path:
         figures.append(("Latency vs M", plot_latency_vs_m(rows, out / "fig_latency_vs_M.png")))
     figures.append(("Learning curves", plot_learning_curves(records, out / "fig_learning.png")))
     lines += _figures_section(figures, out)
-
-    path = out / REPORT_FILE
-    tmp = out / f".{REPORT_FILE}.{os.getpid()}.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return "\n".join(lines)

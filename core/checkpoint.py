@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from core.io import BadFileError, missing
 
 
 class Checkpointer:
@@ -30,14 +33,17 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.StandardSave(state))
         self.manager.wait_until_finished()
 
-    def restore(self, target: Any, step: int | None = None) -> Any:
+    def restore(self, target: Any, step: int | None = None, remedy: str | None = None) -> Any:
         """Restores into the structure (and dtypes/shapes) of ``target`` (arrays or
-        ``jax.ShapeDtypeStruct``s, e.g. from ``jax.eval_shape``)."""
+        ``jax.ShapeDtypeStruct``s, e.g. from ``jax.eval_shape``); errors name the step's
+        directory (and ``remedy``)."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise missing(self.directory, "checkpoint", remedy)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        where = os.path.join(self.directory, str(step))
+        with _named_errors(where, remedy):
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
     def close(self) -> None:
         self.manager.close()
@@ -63,14 +69,29 @@ def save_pytree(path: str, tree: Any) -> None:
         os.replace(tmp, path)
 
 
-def restore_pytree(path: str, target: Any) -> Any:
+def restore_pytree(path: str, target: Any, remedy: str | None = None) -> Any:
     """Restores what ``save_pytree`` wrote into the structure of ``target`` (arrays or
-    ``jax.ShapeDtypeStruct``s; None: as saved)."""
+    ``jax.ShapeDtypeStruct``s; None: as saved); errors name ``path`` (and ``remedy``)."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"nothing saved at {path}")
+        raise missing(path, "saved checkpoint", remedy)
     abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     ckptr = ocp.StandardCheckpointer()
     try:
-        return ckptr.restore(os.path.abspath(path), abstract)
+        with _named_errors(path, remedy):
+            return ckptr.restore(os.path.abspath(path), abstract)
     finally:
         ckptr.close()
+
+
+@contextlib.contextmanager
+def _named_errors(path: str, remedy: str | None):
+    """Orbax reports a truncated, emptied or mismatched checkpoint with many exception types and
+    messages that do not name the checkpoint; re-raise them as one that does."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure to read is reported the same way
+        detail = " ".join(str(e).split())[:300]
+        message = f"{path}: unreadable checkpoint ({type(e).__name__}: {detail})"
+        raise BadFileError(f"{message}; {remedy}" if remedy else message) from e

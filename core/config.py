@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from typing import Any, TypeVar
@@ -139,11 +140,36 @@ def apply_overrides(cls: type[T], base: T | dict, overrides: list[str]) -> T:
     return from_dict(cls, data)
 
 
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """``line L, column C (problem)`` of a YAML error (marks count from 0)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
+    if mark is None:
+        return f"({problem})"
+    return f"at line {mark.line + 1}, column {mark.column + 1} ({problem})"
+
+
 def load_yaml(path: str) -> dict:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    """The top-level mapping of a YAML file. A file that is not YAML, or whose top level is not
+    a mapping, raises ``BadFileError`` naming the file (and line and column)."""
+    from core.io import BadFileError, missing
+
+    if os.path.isdir(path):
+        raise BadFileError(f"{path}: is a directory, expected a YAML file")
+    if not os.path.isfile(path):
+        raise missing(path, "YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise BadFileError(f"{path}: not valid YAML {_yaml_where(e)}") from None
+    except UnicodeDecodeError as e:
+        raise BadFileError(f"{path}: not a text file ({e.reason} at byte {e.start})") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise BadFileError(f"{path}: expected a mapping of field: value at the top level, got "
+                           f"a {type(data).__name__} ({str(data)[:40]!r})")
     return data
 
 

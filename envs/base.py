@@ -13,7 +13,11 @@ Observation dict (one environment, unbatched):
     task_id      int32   []
     time         float32 []             elapsed fraction t/T of the time limit; for critics and
                                         value functions, never read by the base policies
-Actions are float32 [A] = (dx, dy, grip) in [-1, 1]; grip > 0 closes.
+Actions are float32 [A] = (dx, dy, grip) in [-1, 1]; grip > 0 closes. ``step`` runs inside
+compiled evaluations and cannot raise, so a NaN or inf entry is replaced by a safe value (no
+motion on that axis, grip unchanged) and the step is counted in the state (the built-in suite's
+``state.nonfinite_actions``, per episode). Host-side wrappers reject actions of the wrong shape
+or type with TypeError / ValueError instead.
 After ``done`` an episode is frozen: ``step`` returns the same state with done/success kept,
 so a fixed-horizon scan needs no autoreset.
 """

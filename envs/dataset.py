@@ -178,7 +178,8 @@ def write_demos(
                          f"got {segment!r}")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
-        raise ValueError(f"out_dir: {out_dir} exists; pass overwrite=True to replace it")
+        raise ValueError(f"out_dir: {out_dir} exists; give another --out, or delete it to "
+                         "write it again (overwrite=True from Python)")
 
     T = make(task, variant).max_steps
     n_segments = -(-T // segment) if segment else 1
@@ -320,52 +321,82 @@ class Dataset:
         return _transitions(self, H, replan, gamma)
 
 
-def _fail(path: str, what: str):
-    raise ValueError(f"dataset {path}: {what}")
+def regenerate_command(path: str, manifest: dict | None = None) -> str:
+    """The ``steerlab demos`` command that writes ``path`` again (with the manifest's settings
+    when it could be read)."""
+    m = manifest if isinstance(manifest, dict) else {}
+    args = []
+    for flag, key in (("task", "task"), ("variant", "variant"), ("seed", "seed"),
+                      ("segment", "segment")):
+        if isinstance(m.get(key), str | int) and not isinstance(m.get(key), bool):
+            args.append(f"--{flag} {m[key]}")
+    episodes = m.get("counts", {}).get("episodes") if isinstance(m.get("counts"), dict) else None
+    if isinstance(episodes, int):
+        args.append(f"--episodes {episodes}")
+    if isinstance(m.get("mix"), dict) and m["mix"]:
+        args.append("--mix " + ",".join(f"{k}={v:g}" for k, v in m["mix"].items()
+                                        if isinstance(v, int | float)))
+    return " ".join(["steerlab demos", *args, f"--out {path}"])
+
+
+def _remedy(path: str, manifest: dict | None = None) -> str:
+    return f"delete {path} and re-run `{regenerate_command(path, manifest)}`"
+
+
+def _fail(path: str, what: str, manifest: dict | None = None):
+    raise ValueError(f"dataset {path}: {what}; {_remedy(path, manifest)}")
 
 
 def load_demos(path: str) -> Dataset:
-    """Read and validate a dataset written by ``write_demos``."""
+    """Read and validate a dataset written by ``write_demos``. Every error names the dataset
+    and the file at fault and says how to write the dataset again."""
+    from core.io import MissingFileError, read_json_object, read_npz
+
+    if not os.path.isdir(path):
+        raise MissingFileError(f"dataset {path}: no such directory (a dataset holds "
+                               f"manifest.json, steps.npz and episodes.npz); make one with "
+                               f"`steerlab demos --out {path}`")
     mpath = os.path.join(path, "manifest.json")
     if not os.path.isfile(mpath):
         _fail(path, "manifest.json not found")
-    with open(mpath) as f:
-        manifest = json.load(f)
+    manifest = read_json_object(mpath, _remedy(path))
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        _fail(path, f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        _fail(path, f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})",
+              manifest)
     for name in ("steps.npz", "episodes.npz"):
         if not os.path.isfile(os.path.join(path, name)):
-            _fail(path, f"{name} not found")
-    with np.load(os.path.join(path, "steps.npz")) as z:
-        steps = {k: z[k] for k in z.files}
-    with np.load(os.path.join(path, "episodes.npz")) as z:
-        eps = {k: z[k] for k in z.files}
+            _fail(path, f"{name} not found", manifest)
+    steps = read_npz(os.path.join(path, "steps.npz"), _remedy(path, manifest))
+    eps = read_npz(os.path.join(path, "episodes.npz"), _remedy(path, manifest))
     required = list(STEP_KEYS) + (["image"] if manifest.get("image") else [])
     for k in required:
         if k not in steps:
-            _fail(path, f"steps.npz lacks key {k!r} (required: {required})")
+            _fail(path, f"steps.npz lacks key {k!r} (required: {required})", manifest)
     for k in EPISODE_KEYS:
         if k not in eps:
-            _fail(path, f"episodes.npz lacks key {k!r} (required: {list(EPISODE_KEYS)})")
+            _fail(path, f"episodes.npz lacks key {k!r} (required: {list(EPISODE_KEYS)})",
+                  manifest)
     n = len(steps["action"])
+    arrays = manifest.get("arrays") if isinstance(manifest.get("arrays"), dict) else {}
     for k, v in steps.items():
         if k not in _DTYPES:
             continue
         if str(v.dtype) != _DTYPES[k]:
-            _fail(path, f"steps[{k!r}] has dtype {v.dtype}, expected {_DTYPES[k]}")
+            _fail(path, f"steps[{k!r}] has dtype {v.dtype}, expected {_DTYPES[k]}", manifest)
         if len(v) != n:
-            _fail(path, f"steps[{k!r}] has {len(v)} rows, expected {n}")
-        want = manifest.get("arrays", {}).get(k, {}).get("shape")
+            _fail(path, f"steps[{k!r}] has {len(v)} rows, expected {n}", manifest)
+        want = arrays[k].get("shape") if isinstance(arrays.get(k), dict) else None
         if want is not None and list(v.shape[1:]) != want:
-            _fail(path, f"steps[{k!r}] has shape {list(v.shape[1:])}, manifest says {want}")
+            _fail(path, f"steps[{k!r}] has shape {list(v.shape[1:])}, manifest says {want}",
+                  manifest)
     if int(eps["length"].sum()) != n:
-        _fail(path, f"episode lengths sum to {int(eps['length'].sum())}, but there are {n} steps")
-    counts = manifest.get("counts", {})
+        _fail(path, f"episode lengths sum to {int(eps['length'].sum())}, but there are {n} "
+              "steps", manifest)
+    counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {}
     if counts.get("episodes") not in (None, len(eps["length"])):
-        _fail(
-            path, f"manifest counts {counts.get('episodes')} episodes, found {len(eps['length'])}"
-        )
+        _fail(path, f"manifest counts {counts.get('episodes')} episodes, found "
+              f"{len(eps['length'])}", manifest)
     return Dataset(steps=steps, episodes=eps, manifest=manifest)
 
 

@@ -22,8 +22,15 @@ GYM_IDS = {
 class TabletopGymEnv(gymnasium.Env):
     """One episode at a time. ``terminated`` = success; ``truncated`` = out of steps.
 
-    ``info`` carries ``success``, ``progress`` and ``env_state`` (the functional state, for
-    oracle verifiers that copy it and simulate candidate chunks with ``self.env``).
+    ``info`` carries ``success``, ``progress``, ``nonfinite_actions`` (steps this episode whose
+    action had a NaN or inf entry; the env replaced those entries by safe values, see
+    ``TabletopEnv.step``) and ``env_state`` (the functional state, for oracle verifiers that
+    copy it and simulate candidate chunks with ``self.env``).
+
+    ``step`` takes a real (int or float) array or list of shape ``(ACTION_DIM,)``; anything else
+    raises TypeError or ValueError before the episode is touched. ``reset`` takes
+    ``options={"key": k}`` with ``k`` a jax PRNG key (see ``check_key``); other option names are
+    rejected.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
@@ -57,15 +64,19 @@ class TabletopGymEnv(gymnasium.Env):
         self._state = None
 
     def _info(self, success, progress) -> dict:
-        return {"success": bool(success), "progress": float(progress), "env_state": self._state}
+        return {
+            "success": bool(success),
+            "progress": float(progress),
+            "nonfinite_actions": int(self._state.nonfinite_actions),
+            "env_state": self._state,
+        }
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        key = _reset_key(options)  # validated before anything changes
         super().reset(seed=seed)
         # options={"key": k} starts from exactly the state the functional reset(k) gives, so a
         # Python-loop evaluation can reproduce a compiled one episode for episode.
-        if options and "key" in options:
-            key = options["key"]
-        else:
+        if key is None:
             key = jax.random.PRNGKey(int(self.np_random.integers(0, 2**31 - 1)))
         self._state, obs = self._reset(key)
         return _to_numpy(obs), self._info(self._state.success, self._state.progress)
@@ -73,7 +84,7 @@ class TabletopGymEnv(gymnasium.Env):
     def step(self, action):
         if self._state is None:
             raise RuntimeError("step: call reset() first")
-        action = np.asarray(action, np.float32).reshape(ACTION_DIM)
+        action = check_action(action)
         self._state, obs, reward, done, info = self._step(self._state, action)
         success = bool(info["success"])
         truncated = bool(done) and not success
@@ -89,6 +100,65 @@ class TabletopGymEnv(gymnasium.Env):
         if self._state is None:
             return None
         return np.asarray(self._render(self._state))
+
+
+RESET_OPTIONS = ("key",)
+_ACTION_EXPECTED = f"a real (int or float) array of shape ({ACTION_DIM},) = (dx, dy, grip)"
+_KEY_EXPECTED = (
+    "a jax PRNG key: a uint32 array of shape (2,) (jax.random.PRNGKey) or a typed key of "
+    "shape () (jax.random.key)"
+)
+
+
+def check_action(action) -> np.ndarray:
+    """-> the action as float32 [ACTION_DIM]; TypeError / ValueError naming what is expected.
+
+    NaN and inf pass (the env replaces and counts them); wrong shapes and types do not, since
+    reshaping or casting them would step with an action nobody meant."""
+    if action is None or isinstance(action, (str, bytes)):
+        raise TypeError(f"action must be {_ACTION_EXPECTED}, got {type(action).__name__}")
+    try:
+        arr = np.asarray(action)
+    except (TypeError, ValueError):  # ragged nested lists
+        raise ValueError(f"action must be {_ACTION_EXPECTED}, got a {type(action).__name__} "
+                         "that is not a rectangular array") from None
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"action must be {_ACTION_EXPECTED}, got dtype {arr.dtype}")
+    if arr.shape != (ACTION_DIM,):
+        raise ValueError(f"action must be {_ACTION_EXPECTED}, got shape {arr.shape}")
+    # Clip finite entries before the cast: a finite float64 beyond float32's range would
+    # otherwise become inf (and count as non-finite). The env clips to the same bounds, so
+    # nothing else changes; NaN and inf are left for the env to replace and count.
+    return np.where(np.isfinite(arr), np.clip(arr, -1.0, 1.0), arr).astype(np.float32)
+
+
+def check_key(key) -> jax.Array:
+    """-> ``key`` if it is a jax PRNG key; TypeError / ValueError naming ``options["key"]``."""
+    if key is None or isinstance(key, (str, bytes)) or not hasattr(key, "dtype"):
+        raise TypeError(f'options["key"] must be {_KEY_EXPECTED}, got {type(key).__name__}')
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != () or jax.random.key_data(key).shape != (2,):
+            raise ValueError(f'options["key"] must be {_KEY_EXPECTED}, got a typed key of shape '
+                             f"{key.shape}")
+        return key
+    if key.dtype != np.uint32:
+        raise TypeError(f'options["key"] must be {_KEY_EXPECTED}, got dtype {key.dtype}')
+    if key.shape != (2,):
+        raise ValueError(f'options["key"] must be {_KEY_EXPECTED}, got shape {key.shape}')
+    return key
+
+
+def _reset_key(options) -> jax.Array | None:
+    """The key ``options`` asks for, None to draw one; errors name the allowed options."""
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict with keys from {RESET_OPTIONS} or None, got "
+                        f"{type(options).__name__}")
+    unknown = sorted(map(str, set(options) - set(RESET_OPTIONS)))
+    if unknown:
+        raise ValueError(f"options: unknown {unknown}; allowed: {RESET_OPTIONS}")
+    return check_key(options["key"]) if "key" in options else None
 
 
 def _to_numpy(obs: dict) -> dict:

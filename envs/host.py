@@ -85,6 +85,10 @@ class HostDriver:
     or ``functools.partial`` of one). ``workers`` = 0 steps every env in this process; W >= 1
     spreads the B envs over W spawned processes, contiguous slices of (nearly) B/W each.
     ``timeout`` bounds each wait for a worker's reply, so a hung simulator cannot hang the caller.
+
+    ``nonfinite_obs`` int64 [B]: per env, how many observations since the last ``reset`` (the
+    reset's one included) had a NaN or inf entry. Observations are passed on unchanged; a
+    simulator that produces them is counted here so the caller can report it.
     """
 
     def __init__(self, factory: EnvFactory, num_envs: int, workers: int = 0,
@@ -99,6 +103,7 @@ class HostDriver:
         self._procs, self._conns = [], []
         self._obs: list = [None] * num_envs
         self._infos: list = [{}] * num_envs
+        self.nonfinite_obs = np.zeros(num_envs, np.int64)
         if workers:
             ctx = mp.get_context("spawn")
             for i, idx in enumerate(self.slices):
@@ -157,10 +162,13 @@ class HostDriver:
     # -- batched API --------------------------------------------------------------------------
 
     def reset(self, seeds: Sequence, options_list: Sequence[dict | None]):
-        """Reset all B envs -> (obs batch: dict of [B, ...], list of B info dicts)."""
+        """Reset all B envs -> (obs batch: dict of [B, ...], list of B info dicts).
+
+        Restarts ``nonfinite_obs`` at the count for the reset observations."""
         out = self._call("reset", [list(seeds), list(options_list)])
         self._obs = [obs for obs, _ in out]
         self._infos = [info for _, info in out]
+        self.nonfinite_obs = np.array([has_nonfinite(obs) for obs in self._obs], np.int64)
         return stack_obs(self._obs), list(self._infos)
 
     def step(self, actions, active):
@@ -168,6 +176,7 @@ class HostDriver:
 
         -> (obs batch, reward [B], terminated [B], truncated [B], infos). Inactive envs are not
         stepped: their slots repeat the last obs and info, with reward 0 and both flags false.
+        Stepped envs whose new obs has a NaN or inf entry add 1 to ``nonfinite_obs``.
         """
         actions, active = np.asarray(actions), np.asarray(active, bool)
         if actions.shape[0] != self.num_envs or active.shape != (self.num_envs,):
@@ -180,6 +189,7 @@ class HostDriver:
         for j, res in enumerate(out):
             if res is not None:
                 self._obs[j], reward[j], terminated[j], truncated[j], self._infos[j] = res
+                self.nonfinite_obs[j] += has_nonfinite(self._obs[j])
         return stack_obs(self._obs), reward, terminated, truncated, list(self._infos)
 
     def close(self) -> None:
@@ -205,6 +215,16 @@ class HostDriver:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def has_nonfinite(obs) -> bool:
+    """True when any floating entry of an observation (a dict of arrays, or one array) is NaN
+    or inf; integer and image entries cannot be."""
+    for v in obs.values() if isinstance(obs, dict) else (obs,):
+        v = np.asarray(v)
+        if v.dtype.kind in "fc" and not np.isfinite(v).all():
+            return True
+    return False
 
 
 def stack_obs(obs_list: Sequence[dict]) -> dict[str, np.ndarray]:

@@ -7,7 +7,8 @@ Tasks (``TASKS``):
     pick_place  two blocks of different colours; carry the named one over the wall into the zone
     sort        two blocks, two zones of matching colours; each block to its zone (long horizon)
 
-Mechanics: the action (dx, dy, grip) is clipped to [-1, 1]; the gripper moves by
+Mechanics: the action (dx, dy, grip) is clipped to [-1, 1] (non-finite entries are replaced by
+safe values and counted, see ``TabletopEnv.step``); the gripper moves by
 ``(dx, dy) * SPEED * gain`` and slides along walls (per-axis collision). grip > 0 closes it; a
 closed gripper picks up the nearest block within ``PICK_RADIUS`` and carries it; opening drops
 it. Only in ``push`` is the gripper lowered onto the table, so there it pushes blocks instead.
@@ -106,6 +107,8 @@ class TabletopState:
     done: jax.Array  # bool []
     success: jax.Array  # bool []
     progress: jax.Array  # f32 []
+    # Steps this episode whose action had a NaN or inf entry (replaced by safe values).
+    nonfinite_actions: jax.Array  # i32 []
 
     def __eq__(self, other) -> bool:
         # Value equality of every leaf (host-side), so states compare like observations do.
@@ -129,6 +132,7 @@ _DYNAMIC = (
     "done",
     "success",
     "progress",
+    "nonfinite_actions",
 )
 
 
@@ -328,6 +332,7 @@ class TabletopEnv:
             done=jnp.bool_(False),
             success=jnp.bool_(False),
             progress=jnp.float32(0.0),
+            nonfinite_actions=jnp.int32(0),
         )
         success, progress = self._evaluate(state)
         return state.replace(success=success, progress=progress)
@@ -335,7 +340,15 @@ class TabletopEnv:
     # ---------------------------------------------------------------- step
 
     def step(self, state: TabletopState, action: jax.Array):
-        """-> (state, obs, reward f32[], done bool[], info {"success", "progress"})."""
+        """-> (state, obs, reward f32[], done bool[], info {"success", "progress"}).
+
+        Non-finite actions: this step runs inside compiled evaluations, so it cannot raise.
+        A NaN or +-inf entry is replaced by a safe value instead: a motion component (dx, dy)
+        by 0 (no motion on that axis), the grip component by the current grip (unchanged).
+        Finite entries are clipped to [-1, 1] as usual (1e6 acts as 1). Each step whose action
+        had any non-finite entry adds 1 to ``state.nonfinite_actions`` (per episode; frozen
+        after ``done`` like the rest of the state), so a broken policy is visible, not hidden.
+        """
         new = self.step_state(state, action)
         if self.reward == "sparse":
             reward = (new.success & ~state.done).astype(jnp.float32)
@@ -353,9 +366,9 @@ class TabletopEnv:
         return new.replace(**{f: keep(getattr(state, f), getattr(new, f)) for f in _DYNAMIC})
 
     def _advance(self, s: TabletopState, action: jax.Array) -> TabletopState:
-        a = jnp.clip(action.astype(jnp.float32), -1.0, 1.0)
+        a, finite = _safe_action(action)
         move = a[:2] * (SPEED * s.gain)
-        closed = (a[2] > 0).astype(jnp.float32)
+        closed = jnp.where(finite[2], (a[2] > 0).astype(jnp.float32), s.grip_closed)
         key = s.key
         slip = jnp.bool_(False)
         if self.variant == "dynamics":
@@ -391,6 +404,7 @@ class TabletopEnv:
             obj_pos=obj_pos,
             key=key,
             t=s.t + 1,
+            nonfinite_actions=s.nonfinite_actions + jnp.any(~finite).astype(jnp.int32),
         )
         success, progress = self._evaluate(s)
         return s.replace(success=success, progress=progress, done=success | (s.t >= self.max_steps))
@@ -437,6 +451,16 @@ class TabletopEnv:
     def render(self, s: TabletopState) -> jax.Array:
         """uint8 [64, 64, 3] top-down view."""
         return render_state(s, ZONE_RADIUS, BLOCK_HALF, GRIPPER_RADIUS)
+
+
+def _safe_action(action: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (action f32 [A] with non-finite entries zeroed and all clipped to [-1, 1],
+    finite bool [A] of the entries after the cast to float32). Zeroing before the clip keeps
+    +-inf from acting as a full-speed command; finite actions come out exactly as the plain
+    clip gives them."""
+    a = action.astype(jnp.float32)
+    finite = jnp.isfinite(a)
+    return jnp.clip(jnp.where(finite, a, 0.0), -1.0, 1.0), finite
 
 
 def _blocked(x, y, wall, wall_active):

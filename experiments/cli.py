@@ -31,9 +31,15 @@ def cmd_train_policy(args) -> None:
 
 
 def cmd_fit_verifier(args) -> None:
-    from experiments.run import fit_verifier_cli
+    from experiments.run import fit_cli
 
-    fit_verifier_cli(args.name, args.policy, args.demos, args.out, args.overrides)
+    fit_cli("verifier", args.name, args.policy, args.demos, args.out, args.overrides)
+
+
+def cmd_adapt(args) -> None:
+    from experiments.run import fit_cli
+
+    fit_cli("adapter", args.name, args.policy, args.demos, args.out, args.overrides)
 
 
 def cmd_check_policy(args) -> None:
@@ -62,7 +68,11 @@ def cmd_bench(args) -> None:
     else:
         from experiments.run import bench_sampling_cli
 
-        Ms = [int(m) for m in args.Ms.split(",")]
+        try:
+            Ms = [int(m) for m in args.Ms.split(",")]
+        except ValueError:
+            raise ValueError(f"--Ms: give comma-separated integers such as 1,4,16; got "
+                             f"{args.Ms!r}") from None
         _print_json(bench_sampling_cli(args.policy, args.verifier, Ms, args.repeats), args.json)
 
 
@@ -128,13 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="field.path=value")
     s.set_defaults(fn=cmd_train_policy)
 
-    s = sub.add_parser("fit-verifier", help="fit a learned verifier for a trained policy")
-    s.add_argument("name", help="a registered verifier that has a fit (e.g. cfn)")
-    s.add_argument("--policy", required=True, help="policy run directory")
-    s.add_argument("--demos", default=None, help="dataset (default: the policy's own)")
-    s.add_argument("--out", required=True)
-    s.add_argument("overrides", nargs="*", help="field.path=value")
-    s.set_defaults(fn=cmd_fit_verifier)
+    for command, kind, fn in (("fit-verifier", "verifier", cmd_fit_verifier),
+                              ("adapt", "adapter", cmd_adapt)):
+        s = sub.add_parser(command, help=f"fit a registered {kind} for a trained policy")
+        s.add_argument("name", help=f"a registered {kind} that has a fit")
+        s.add_argument("--policy", required=True, help="policy run directory")
+        s.add_argument("--demos", default=None, help="dataset (default: the policy's own)")
+        s.add_argument("--out", required=True)
+        s.add_argument("overrides", nargs="*", help="field.path=value")
+        s.set_defaults(fn=fn)
 
     s = sub.add_parser("check-policy", help="does a trained policy reproduce its data? "
                        "(M=1 success, mode shares, wrong-block rate vs the dataset)")
@@ -200,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors that mean the inputs are wrong (a bad value, a missing, unreadable or misplaced
+# path): one line on stderr and exit 2. Anything else is a bug and keeps its traceback.
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                FileExistsError, PermissionError)
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message on one line (some carry a library's multi-line text)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # field=value overrides may come before or after the options (argparse stops a trailing
@@ -211,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"steerlab {args.command}: error: {e}", file=sys.stderr)
+    except INPUT_ERRORS as e:
+        print(f"steerlab {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, replace
 
+from algos.registry import ADAPTERS
 from algos.sft import TrainConfig
 from core.config import apply_overrides, from_dict, load_yaml
 from experiments.harness import EvalConfig
 from experiments.reproduction import ReproductionConfig
 from experiments.scaling import ScalingConfig
-from verifiers.registry import PLUGINS, get_plugin
+from verifiers.registry import PLUGINS
 
 
 @dataclass(frozen=True)
@@ -32,25 +33,25 @@ class DemosConfig:
     seed: int = 0
 
 
-def _verifier_config_class() -> type:
-    """``verifier``: the chosen name, a fit seed, and one section per registered verifier that
-    has options (``verifier.cfn.epochs=...``); only the chosen verifier's section is read."""
-    fields = [("name", str, field(default="random")), ("seed", int, field(default=0))]
-    for name, plugin in sorted(PLUGINS.items()):
-        if dataclasses.fields(plugin.config):
-            fields.append((name, plugin.config, field(default_factory=plugin.config)))
-    cls = dataclasses.make_dataclass("VerifierConfig", fields, frozen=True)
+def _plugin_section(class_name: str, plugins: dict, default: str) -> type:
+    """A run-config section choosing one registered plugin: its ``name``, a fit ``seed``, and one
+    sub-section per registered plugin (``verifier.cfn.epochs=...``); only the chosen plugin's
+    sub-section is read (and hashed by the stage that fits it)."""
+    fields = [("name", str, field(default=default)), ("seed", int, field(default=0))]
+    for name, plugin in sorted(plugins.items()):
+        fields.append((name, plugin.config, field(default_factory=plugin.config)))
+    cls = dataclasses.make_dataclass(class_name, fields, frozen=True)
     cls.__module__ = __name__  # picklable by name, as worker processes receive run configs
     return cls
 
 
-VerifierConfig = _verifier_config_class()
+VerifierConfig = _plugin_section("VerifierConfig", PLUGINS, "random")
+AdapterConfig = _plugin_section("AdapterConfig", ADAPTERS, "none")
 
 
-def verifier_options(cfg) -> object:
-    """The chosen verifier's own config section (its defaults when it has no options)."""
-    options = getattr(cfg.verifier, cfg.verifier.name, None)
-    return get_plugin(cfg.verifier.name).config() if options is None else options
+def plugin_options(section) -> object:
+    """The chosen plugin's own config (``cfg.verifier`` or ``cfg.adapter`` → its sub-section)."""
+    return getattr(section, section.name)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class RunConfig:
     reproduction: ReproductionConfig = field(default_factory=ReproductionConfig)
     """the check after SFT that the policy reproduces its data (episodes 0 = skip)"""
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """what changes the executed chunk after selection (``none``: the chosen candidate as is)"""
     eval: EvalConfig = field(default_factory=EvalConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
@@ -75,6 +78,9 @@ class RunConfig:
         if self.verifier.name not in PLUGINS:
             raise ValueError(f"verifier.name: unknown verifier {self.verifier.name!r}; "
                              f"known: {sorted(PLUGINS)}")
+        if self.adapter.name not in ADAPTERS:
+            raise ValueError(f"adapter.name: unknown adapter {self.adapter.name!r}; "
+                             f"known: {sorted(ADAPTERS)}")
         if self.demos.episodes < 1:
             raise ValueError(f"demos.episodes must be >= 1, got {self.demos.episodes}")
         if self.demos.segment < 0:

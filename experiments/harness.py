@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from algos.base import ExecuteChosen
 from envs.rollout import (
     decision_keys,
     episode_keys,
@@ -87,6 +88,7 @@ class Setup:
     cfg: EvalConfig
     oracle: Any = None  # an oracle_sim verifier for annotation, or None
     expert: Any = None  # envs.experts module when modes are classified / expert chunks needed
+    adapter: Any = ExecuteChosen()  # algos.base.Adapter: what acts on the chosen candidate
 
     @property
     def max_steps(self) -> int:
@@ -110,15 +112,18 @@ def verifier_obs(setup: Setup, obs: dict, env_state: Any, k_expert: jax.Array) -
     return out
 
 
-def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key):
-    """One decision for one env: returns (chosen chunk [H, A], index, scores [M], candidates)."""
+def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key, astate=None):
+    """One decision for one env, sample → score → act: returns (the chunk to execute [H, A],
+    the chosen index, scores [M], candidates). ``astate`` is the adapter's state."""
     k_sample, k_score, k_select = decision_keys(key)
     context = setup.policy.encode(pparams, obs)
     cands = setup.policy.sample(pparams, context, k_sample, setup.cfg.M)
     scores = setup.verifier.score(vstate, verifier_obs(setup, obs, env_state, k_expert), cands,
                                   k_score)
     index = select(scores, k_select, setup.cfg.selection, setup.cfg.temperature)
-    return cands.actions[index], index, scores, cands
+    # The act key is folded from the selection key, so adding the hook changed no other key.
+    chunk = setup.adapter.act(astate, obs, context, cands, index, jax.random.fold_in(k_select, 1))
+    return chunk, index, scores, cands
 
 
 def rank_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -132,13 +137,14 @@ def rank_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.sum(rx * ry) / jnp.maximum(jnp.sqrt(jnp.sum(rx**2) * jnp.sum(ry**2)), 1e-12)
 
 
-def run_episode(setup: Setup, pparams, vstate, key):
+def run_episode(setup: Setup, pparams, vstate, key, astate=None):
     """One full episode (``envs.rollout.unroll``) with the harness's probes; per-episode records."""
     env, h = setup.env, setup.cfg.replan
     classify = setup.expert is not None and setup.cfg.classify_modes
 
     def decision(state, obs, k_expert, k):
-        chunk, index, scores, cands = decide(setup, pparams, vstate, obs, state, k_expert, k)
+        chunk, index, scores, cands = decide(setup, pparams, vstate, obs, state, k_expert, k,
+                                             astate)
         rec = {"score": scores[index], "index": index}
         if setup.oracle is not None:
             oracle = setup.oracle.score(None, {**obs, "env_state": state}, cands, k)
@@ -164,15 +170,18 @@ def run_episode(setup: Setup, pparams, vstate, key):
         "success": success,
         "progress": progress,
         "length": state.t,
+        # steps whose action had a NaN/inf entry (the env executed its safe value instead)
+        "nonfinite_actions": state.nonfinite_actions,
         **{f"decisions/{k}": v for k, v in recs.items()},
     }
 
 
-def evaluate_compiled(setup: Setup, pparams, vstate) -> dict[str, np.ndarray]:
+def evaluate_compiled(setup: Setup, pparams, vstate, astate=None) -> dict[str, np.ndarray]:
     """All episodes in one compiled call (vmap over episodes); numpy per-episode records."""
     keys = episode_keys(setup.cfg.seed, setup.cfg.episodes)
-    run = jax.jit(jax.vmap(lambda p, v, k: run_episode(setup, p, v, k), in_axes=(None, None, 0)))
-    return jax.tree.map(np.asarray, jax.block_until_ready(run(pparams, vstate, keys)))
+    run = jax.jit(jax.vmap(lambda p, v, k, a: run_episode(setup, p, v, k, a),
+                           in_axes=(None, None, 0, None)))
+    return jax.tree.map(np.asarray, jax.block_until_ready(run(pparams, vstate, keys, astate)))
 
 
 def _ms(samples: list[float]) -> dict[str, float]:
@@ -190,10 +199,11 @@ def _phase_fns(policy, env, M: int, replan: int):
     return encode, sample, act, jax.jit(env.reset)
 
 
-def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]:
+def time_phases(setup: Setup, pparams, vstate, decisions: int, astate=None) -> dict[str, Any]:
     """Per-decision latency split by phase on one environment (batch 1), after compilation.
 
-    Each phase is its own jitted call followed by ``block_until_ready``; the first two
+    Each phase is its own jitted call followed by ``block_until_ready``; ``score`` includes
+    the selection and the adapter's ``act``. The first two
     decisions are discarded (they compile for the reset's and then the step's observation,
     whose weak types differ). Episodes restart when they end.
     """
@@ -201,8 +211,11 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]
     env, policy, verifier, cfg = setup.env, setup.policy, setup.verifier, setup.cfg
     encode, sample, act, reset = _phase_fns(policy, env, cfg.M, cfg.replan)
     vobs = jax.jit(lambda o, s, k: verifier_obs(setup, o, s, k))
-    score = jax.jit(lambda v, o, c, k: select(verifier.score(v, o, c, k), k, cfg.selection,
-                                               cfg.temperature))
+
+    @jax.jit
+    def score(v, o, c, k, a, context):
+        index = select(verifier.score(v, o, c, k), k, cfg.selection, cfg.temperature)
+        return setup.adapter.act(a, o, context, c, index, k)
 
     def timed(fn, *args):
         t0 = time.perf_counter()
@@ -218,9 +231,10 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]
         context, t_enc = timed(encode, pparams, obs)
         cands, t_sample = timed(sample, pparams, context, k_sample)
         t0 = time.perf_counter()
-        index = jax.block_until_ready(score(vstate, vobs(obs, state, k_expert), cands, k_score))
+        chunk = jax.block_until_ready(score(vstate, vobs(obs, state, k_expert), cands, k_score,
+                                            astate, context))
         t_score = time.perf_counter() - t0
-        ((state, obs), (_, dones, _, _)), t_env = timed(act, state, obs, cands.actions[index])
+        ((state, obs), (_, dones, _, _)), t_env = timed(act, state, obs, chunk)
         if i >= warmup:
             for name, t in zip(phases, (t_enc, t_sample, t_score, t_env)):
                 phases[name].append(t)
@@ -236,7 +250,7 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int) -> dict[str, Any]
     }
 
 
-def evaluate_gym(setup: Setup, gym_env, pparams, vstate) -> dict[str, np.ndarray]:
+def evaluate_gym(setup: Setup, gym_env, pparams, vstate, astate=None) -> dict[str, np.ndarray]:
     """The same decisions through a gymnasium env in a Python loop (any simulator).
 
     The policy and verifier run as one jitted call per decision; only ``gym_env.step`` is
@@ -245,15 +259,15 @@ def evaluate_gym(setup: Setup, gym_env, pparams, vstate) -> dict[str, np.ndarray
     its ``info["env_state"]`` feeds verifiers that need the simulator state.
     """
     cfg = setup.cfg
-    decide_jit = jax.jit(lambda p, v, o, s, ke, k: decide(setup, p, v, o, s, ke, k)[:2])
+    decide_jit = jax.jit(lambda p, v, a, o, s, ke, k: decide(setup, p, v, o, s, ke, k, a)[:2])
     keys = episode_keys(cfg.seed, cfg.episodes)
-    out: dict[str, list] = {"success": [], "progress": [], "length": []}
+    out: dict[str, list] = {"success": [], "progress": [], "length": [], "nonfinite_actions": []}
     for i in range(cfg.episodes):
         k_reset, k_expert, k_decisions = split_episode_key(keys[i], setup.num_decisions)
         obs, info = gym_env.reset(seed=cfg.seed + i, options={"key": k_reset})
         success, progress, steps = False, 0.0, 0
         for d in range(setup.num_decisions):
-            chunk, _ = decide_jit(pparams, vstate, jax.tree.map(jnp.asarray, obs),
+            chunk, _ = decide_jit(pparams, vstate, astate, jax.tree.map(jnp.asarray, obs),
                                   info.get("env_state"), k_expert, k_decisions[d])
             for action in np.asarray(chunk[: cfg.replan]):
                 obs, _, terminated, truncated, info = gym_env.step(action)
@@ -266,6 +280,7 @@ def evaluate_gym(setup: Setup, gym_env, pparams, vstate) -> dict[str, np.ndarray
         out["success"].append(success)
         out["progress"].append(progress)
         out["length"].append(steps)
+        out["nonfinite_actions"].append(int(info.get("nonfinite_actions", 0)))
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -284,6 +299,9 @@ def summarize(records: dict[str, np.ndarray], mode_names: tuple[str, ...] = ()) 
         "mean_length": float(np.mean(records["length"])),
         "mean_final_progress": float(np.mean(records["progress"])),
     }
+    for count in ("nonfinite_actions", "nonfinite_obs"):  # inputs the env had to sanitize
+        if count in records:
+            metrics[count] = int(np.sum(records[count]))
     alive = records.get("decisions/alive")
     if alive is not None and "decisions/oracle_gap" in records:
         metrics["oracle_gap"] = float(records["decisions/oracle_gap"][alive].mean())

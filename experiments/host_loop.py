@@ -18,10 +18,10 @@ from experiments.harness import PRIVILEGED, Setup, decide, episode_keys, split_e
 
 @functools.lru_cache(maxsize=16)
 def batched_decide(setup: Setup):
-    """(pparams, vstate, obs [B], env_state [B] or None, k_expert [B], k [B]) -> chunks [B].
-    Cached per Setup, so repeated evaluations (or drivers) do not recompile."""
-    one = lambda p, v, o, s, ke, k: decide(setup, p, v, o, s, ke, k)[0]
-    return jax.jit(jax.vmap(one, in_axes=(None, None, 0, 0, 0, 0)))
+    """(pparams, vstate, astate, obs [B], env_state [B] or None, k_expert [B], k [B]) -> chunks
+    [B]. Cached per Setup, so repeated evaluations (or drivers) do not recompile."""
+    one = lambda p, v, a, o, s, ke, k: decide(setup, p, v, o, s, ke, k, a)[0]
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0, 0, 0, 0)))
 
 
 def batch_keys(setup: Setup, episodes: np.ndarray):
@@ -36,8 +36,9 @@ def stack_states(infos: list[dict]):
     return jax.tree.map(lambda *xs: np.stack(xs), *[info["env_state"] for info in infos])
 
 
-def run_batch(setup: Setup, driver, decide_fn, pparams, vstate, episodes: np.ndarray) -> dict:
-    """Episodes ``episodes`` (at most B; padded slots repeat the last and stay inactive)."""
+def run_batch(setup: Setup, driver, decide_fn, states: tuple, episodes: np.ndarray) -> dict:
+    """Episodes ``episodes`` (at most B; padded slots repeat the last and stay inactive);
+    ``states`` = (policy params, verifier state, adapter state)."""
     cfg, B, n = setup.cfg, driver.num_envs, len(episodes)
     padded = np.concatenate([episodes, np.full(B - n, episodes[-1])])
     k_reset, k_expert, k_decisions = batch_keys(setup, padded)
@@ -46,28 +47,33 @@ def run_batch(setup: Setup, driver, decide_fn, pparams, vstate, episodes: np.nda
     needs_state = any(r in PRIVILEGED for r in setup.verifier.requires)
     active = np.arange(B) < n
     success, progress = np.zeros(B, bool), np.zeros(B, np.float32)
-    steps = np.zeros(B, np.int64)
+    steps, nonfinite = np.zeros(B, np.int64), np.zeros(B, np.int64)
     for d in range(setup.num_decisions):
         if not active.any():
             break
         state = stack_states(infos) if needs_state else None
-        chunks = np.asarray(decide_fn(pparams, vstate, obs, state, k_expert, k_decisions[:, d]))
+        chunks = np.asarray(decide_fn(*states, obs, state, k_expert, k_decisions[:, d]))
         for action in chunks[:, : cfg.replan].swapaxes(0, 1):
             obs, _, terminated, truncated, infos = driver.step(action, active)
             steps += active
             success = np.where(active, [bool(i["success"]) for i in infos], success)
             progress = np.where(active, [float(i["progress"]) for i in infos], progress)
+            nonfinite = np.where(active, [int(i.get("nonfinite_actions", 0)) for i in infos],
+                                 nonfinite)
             active &= ~(terminated | truncated | (steps >= setup.max_steps))
             if not active.any():
                 break
-    return {"success": success[:n], "progress": progress[:n], "length": steps[:n]}
+    return {"success": success[:n], "progress": progress[:n], "length": steps[:n],
+            "nonfinite_actions": nonfinite[:n], "nonfinite_obs": driver.nonfinite_obs[:n].copy()}
 
 
-def evaluate_host(setup: Setup, driver, pparams, vstate) -> dict[str, np.ndarray]:
-    """``evaluate_compiled``'s per-episode success / progress / length, with envs stepped by
-    ``driver`` (B = ``driver.num_envs`` episodes at a time; the last batch may be smaller)."""
+def evaluate_host(setup: Setup, driver, pparams, vstate, astate=None) -> dict[str, np.ndarray]:
+    """``evaluate_compiled``'s per-episode success / progress / length / nonfinite_actions,
+    with envs stepped by ``driver`` (B = ``driver.num_envs`` episodes at a time; the last batch
+    may be smaller), and ``nonfinite_obs``: observations with a NaN/inf entry the driver saw."""
     decide_fn = batched_decide(setup)
     order = np.arange(setup.cfg.episodes)
-    parts = [run_batch(setup, driver, decide_fn, pparams, vstate, order[i: i + driver.num_envs])
+    states = (pparams, vstate, astate)
+    parts = [run_batch(setup, driver, decide_fn, states, order[i: i + driver.num_envs])
              for i in range(0, len(order), driver.num_envs)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("success", "progress", "length")}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -1,18 +1,21 @@
-"""The real pipeline stages a grid cell runs: demos → policy SFT → verifier fit → evaluation.
+"""The real pipeline stages a grid cell runs: demos → policy SFT → verifier fit and adapter fit
+→ evaluation.
 
 Each shared stage is keyed by the config fields it reads (and its upstream stages), so a grid
-over verifiers and M trains each policy once and fits each verifier once. A stage reads only
-the fields it declares.
+over verifiers, adapters and M trains each policy once and fits each plugin once. A stage reads
+only the fields it declares; a fit stage reads only the chosen plugin's own section.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 from algos.sft import TrainConfig
 from experiments.config import RunConfig
 from experiments.grid import Stage
+from policies.registry import POLICIES
 
 
 def build_demos(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -34,19 +37,24 @@ def train_policy_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> No
         print(summarize_reproduction(check_reproduction(run, data, cfg.reproduction)))
 
 
-def fit_verifier_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
-    """Learned verifiers fit here (into ``out/fitted``); the others leave a note."""
-    from experiments.run import fit_verifier
+def fit_stage(kind: str, cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
+    """Fits the run's chosen ``kind`` (verifier or adapter) into ``out/fitted``; a plugin with
+    nothing to fit leaves a note. Bound to a kind with ``functools.partial`` (stages are pickled
+    into grid workers, so no closures)."""
+    from experiments.run import fit_plugin
 
-    if not fit_verifier(cfg, inputs["policy"] / "run", inputs["demos"] / "data", out / "fitted"):
-        (out / "NOT_FITTED").write_text(f"{cfg.verifier.name} has nothing to fit\n")
+    data, policy = inputs["demos"] / "data", inputs["policy"] / "run"
+    if not fit_plugin(cfg, kind, policy, data, out / "fitted"):
+        (out / "NOT_FITTED").write_text(f"{getattr(cfg, kind).name} has nothing to fit\n")
 
 
 def evaluate_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
     from experiments.run import run_eval
 
-    fitted = inputs["verifier"] / "fitted"
-    run_eval(cfg, inputs["policy"] / "run", fitted if fitted.exists() else None, out)
+    fitted = {k: inputs[k] / "fitted" for k in ("verifier", "adapter")}
+    fitted = {k: (p if p.exists() else None) for k, p in fitted.items()}
+    run_eval(cfg, inputs["policy"] / "run", fitted["verifier"], out,
+             adapter_dir=fitted["adapter"])
 
 
 def scaling_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
@@ -55,17 +63,29 @@ def scaling_stage(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
     run_scaling(cfg, inputs["policy"] / "run", out)
 
 
-# The policy section minus the fields the run overwrites (RunConfig.train_config): changing one
-# of those must not retrain an identical policy.
-POLICY_FIELDS = tuple(f"policy.{f.name}" for f in dataclasses.fields(TrainConfig)
-                      if f.name not in RunConfig.RUN_OWNED_POLICY_FIELDS)
+# The policy section minus the fields the run overwrites (RunConfig.train_config) and minus the
+# sections of the policy classes not chosen: changing one of those must not retrain an
+# identical policy.
+POLICY_FIELDS = (*(f"policy.{f.name}" for f in dataclasses.fields(TrainConfig)
+                   if f.name not in (*RunConfig.RUN_OWNED_POLICY_FIELDS, *POLICIES)),
+                 "policy.{policy.policy}")
 DEMOS = Stage("demos", ("suite", "task", "demos"), (), build_demos)
 POLICY = Stage("policy", ("task", "demos", *POLICY_FIELDS, "reproduction"), ("demos",),
                train_policy_stage)
-VERIFIER = Stage("verifier", ("task", "demos", *POLICY_FIELDS, "reproduction", "verifier"),
-                 ("demos", "policy"),
-                 fit_verifier_stage)
-STAGES = [DEMOS, POLICY, VERIFIER, Stage("eval", (), ("demos", "policy", "verifier"),
-                                         evaluate_stage)]
+
+
+def plugin_fields(kind: str) -> tuple[str, ...]:
+    # a fit reads the nominal env (suite, task), the replan length and its own section only
+    return ("suite", f"{kind}.name", f"{kind}.seed", f"{kind}.{{{kind}.name}}", "eval.replan")
+
+
+VERIFIER = Stage("verifier", ("task", "demos", *POLICY_FIELDS, "reproduction",
+                              *plugin_fields("verifier")), ("demos", "policy"),
+                 functools.partial(fit_stage, "verifier"))
+ADAPTER = Stage("adapter", ("task", "demos", *POLICY_FIELDS, "reproduction",
+                            *plugin_fields("adapter")), ("demos", "policy"),
+                functools.partial(fit_stage, "adapter"))
+STAGES = [DEMOS, POLICY, VERIFIER, ADAPTER,
+          Stage("eval", (), ("demos", "policy", "verifier", "adapter"), evaluate_stage)]
 SCALING_STAGES = [DEMOS, POLICY, Stage("scaling", (), ("policy",), scaling_stage)]
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from algos.registry import ADAPTERS, make_adapter
 from core.config import to_dict
 from core.io import write_json, write_text
 from envs import get_suite
-from experiments.config import RunConfig, load_run_config, verifier_options
+from experiments.config import RunConfig, load_run_config, plugin_options
 from experiments.harness import (
     Setup,
     evaluate_compiled,
@@ -25,15 +26,29 @@ from policies import load_policy
 from verifiers.base import BuildContext
 from verifiers.registry import PLUGINS, get_plugin, make_verifier
 
+REGISTRIES = {"verifier": PLUGINS, "adapter": ADAPTERS}
+"""the run-config sections that choose a registered plugin by name, and their registries"""
+
 RESULT_SCHEMA = "steerlab.result/1"
 
 
+def build_context(cfg: RunConfig, env, policy, fitted_dir: str | os.PathLike | None = None):
+    """What a plugin may be built or fitted from: env, policy, the harness's replan length, and
+    a fitted directory for learned plugins."""
+    return BuildContext(env=env, policy=policy, replan=cfg.eval.replan,
+                        fitted_dir=None if fitted_dir is None else str(fitted_dir))
+
+
 def make_verifier_for(cfg: RunConfig, env, policy, fitted_dir: str | os.PathLike | None):
-    """The run's verifier, built from its config section and what it may need (env, policy,
-    the harness's replan length, and a fitted directory for learned verifiers)."""
-    context = BuildContext(env=env, policy=policy, replan=cfg.eval.replan,
-                           fitted_dir=None if fitted_dir is None else str(fitted_dir))
-    return make_verifier(cfg.verifier.name, context, verifier_options(cfg))
+    """The run's verifier, built from its config section."""
+    return make_verifier(cfg.verifier.name, build_context(cfg, env, policy, fitted_dir),
+                         plugin_options(cfg.verifier))
+
+
+def make_adapter_for(cfg: RunConfig, env, policy, fitted_dir: str | os.PathLike | None):
+    """The run's adapter, built from its config section."""
+    return make_adapter(cfg.adapter.name, build_context(cfg, env, policy, fitted_dir),
+                        plugin_options(cfg.adapter))
 
 
 def make_env_for(cfg: RunConfig, policy):
@@ -43,7 +58,7 @@ def make_env_for(cfg: RunConfig, policy):
                                      max_steps=cfg.eval.max_steps or None)
 
 
-def build_setup(cfg: RunConfig, env, policy, verifier) -> Setup:
+def build_setup(cfg: RunConfig, env, policy, verifier, adapter=None) -> Setup:
     experts = get_suite(cfg.suite).experts
     if "log_prob" in verifier.requires and not policy.has_log_prob:
         raise ValueError(f"verifier {verifier.name!r} needs the policy's log-probabilities; the "
@@ -56,14 +71,16 @@ def build_setup(cfg: RunConfig, env, policy, verifier) -> Setup:
         raise ValueError(f"verifier {verifier.name!r} needs expert chunks, which suite "
                          f"{cfg.suite!r} has no experts for")
     return Setup(env=env, policy=policy, verifier=verifier, cfg=cfg.eval, oracle=oracle,
-                 expert=experts if needs_expert else None)
+                 expert=experts if needs_expert else None,
+                 adapter=adapter or make_adapter_for(cfg, env, policy, None))
 
 
 def _episode_rows(records: dict[str, np.ndarray]) -> str:
     rows = []
     for i in range(len(records["success"])):
         row = {"episode": i, "success": bool(records["success"][i]),
-               "progress": float(records["progress"][i]), "length": int(records["length"][i])}
+               "progress": float(records["progress"][i]), "length": int(records["length"][i]),
+               "nonfinite_actions": int(records["nonfinite_actions"][i])}
         alive = records.get("decisions/alive")
         if alive is not None:
             a = alive[i]
@@ -78,30 +95,36 @@ def _episode_rows(records: dict[str, np.ndarray]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = True) -> dict:
-    """Evaluates policy + verifier at M candidates; writes config, episodes and result.json."""
+def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = True,
+             adapter_dir=None) -> dict:
+    """Evaluates policy + verifier (+ adapter) at M candidates; writes config, episodes and
+    result.json."""
     cfg.validate()
     policy, params = load_policy(str(policy_dir))
     env = make_env_for(cfg, policy)
-    setup = build_setup(cfg, env, policy, make_verifier_for(cfg, env, policy, verifier_dir))
-    vstate = setup.verifier.state
+    setup = build_setup(cfg, env, policy, make_verifier_for(cfg, env, policy, verifier_dir),
+                        make_adapter_for(cfg, env, policy, adapter_dir))
+    vstate, astate = setup.verifier.state, setup.adapter.state
     t0 = time.perf_counter()
-    records = evaluate_compiled(setup, params, vstate)
+    records = evaluate_compiled(setup, params, vstate, astate)
     eval_s = time.perf_counter() - t0
     metrics = summarize(records, setup.expert.MODES[cfg.task] if setup.expert else ())
     metrics["eval_s"] = eval_s
     if cfg.eval.timing_decisions:
-        metrics.update(time_phases(setup, params, vstate, cfg.eval.timing_decisions))
+        metrics.update(time_phases(setup, params, vstate, cfg.eval.timing_decisions, astate))
     out = Path(out_dir)
     write_json(out / "config.json", to_dict(cfg))
     write_text(out / "episodes.jsonl", _episode_rows(records))
     result = {"schema": RESULT_SCHEMA, "kind": "eval", "config": to_dict(cfg),
               "policy_dir": str(policy_dir), "metrics": metrics}
-    if verifier_dir is not None:
-        result["verifier_dir"] = str(verifier_dir)
+    for name, path in (("verifier_dir", verifier_dir), ("adapter_dir", adapter_dir)):
+        if path is not None:
+            result[name] = str(path)
     write_json(out / "result.json", result)
     if verbose:
-        print(f"[eval] {cfg.task}/{cfg.variant} verifier={cfg.verifier.name} M={cfg.eval.M}: "
+        adapted = "" if cfg.adapter.name == "none" else f" adapter={cfg.adapter.name}"
+        print(f"[eval] {cfg.task}/{cfg.variant} verifier={cfg.verifier.name}{adapted} "
+              f"M={cfg.eval.M}: "
               f"success {metrics['success_rate']:.3f} "
               f"[{metrics['success_ci_low']:.3f}, {metrics['success_ci_high']:.3f}] "
               f"({metrics['episodes']} episodes, {eval_s:.1f}s)")
@@ -155,46 +178,57 @@ def train_policy_cli(config_path: str | None, overrides: list[str], out: str) ->
     train_policy(cfg, out)
 
 
-def fit_verifier(cfg: RunConfig, policy_dir, demos_path, out) -> bool:
-    """Fits the run's verifier for the policy on a dataset into ``out``; False if the verifier
-    has nothing to fit."""
+def fit_plugin(cfg: RunConfig, kind: str, policy_dir, demos_path, out) -> bool:
+    """Fits the run's chosen ``kind`` ("verifier" or "adapter") for the policy on a dataset into
+    ``out``; False if that plugin has nothing to fit."""
     from envs.dataset import load_demos
 
-    plugin = get_plugin(cfg.verifier.name)
+    section = getattr(cfg, kind)
+    plugin = REGISTRIES[kind][section.name]
     if plugin.fit is None:
         return False
     policy, params = load_policy(str(policy_dir))
-    plugin.fit(verifier_options(cfg), policy, params, load_demos(str(demos_path)),
-               jax.random.PRNGKey(cfg.verifier.seed), str(out))
+    demos = load_demos(str(demos_path))
+    # Fits see the nominal env their data came from; the eval variant stays out of the fit (and
+    # of its stage key). A learner that adapts on the test variant is an eval-time adapter.
+    env = get_suite(cfg.suite).make(cfg.task, "nominal",
+                                    image=bool(getattr(policy.cfg, "image", True)))
+    plugin.fit(plugin_options(section), build_context(cfg, env, policy), params, demos,
+               jax.random.PRNGKey(section.seed), str(out))
     return True
 
 
-def fit_verifier_cli(name: str, policy_dir: str, demos: str | None, out: str,
-                     overrides: list[str]) -> None:
-    """``steerlab fit-verifier NAME --policy RUN --out DIR [field=value ...]``: the fields are
-    the verifier's own (``epochs=8``), or run-config paths (``verifier.seed=1``)."""
+def fit_cli(kind: str, name: str, policy_dir: str, demos: str | None, out: str,
+            overrides: list[str]) -> None:
+    """``steerlab fit-verifier|adapt NAME --policy RUN --out DIR [field=value ...]``: the fields
+    are the plugin's own (``epochs=8``), or run-config paths (``verifier.seed=1``)."""
     from algos.sft import load_config
 
-    trainable = sorted(n for n, p in PLUGINS.items() if p.fit is not None)
+    command = {"verifier": "fit-verifier", "adapter": "adapt"}[kind]
+    trainable = sorted(n for n, p in REGISTRIES[kind].items() if p.fit is not None)
     if name not in trainable:
-        raise ValueError(f"fit-verifier: unknown or untrainable name {name!r}; "
+        raise ValueError(f"{command}: unknown or untrainable name {name!r}; "
                          f"trainable: {trainable}")
-    overrides = [o if o.startswith("verifier.") else f"verifier.{name}.{o}" for o in overrides]
-    cfg = load_run_config(None, [f"verifier.name={name}", *overrides])
+    if not os.path.isfile(os.path.join(policy_dir, "config.json")):
+        raise FileNotFoundError(f"--policy: no trained policy run at {policy_dir!r}")
+    prefixes = tuple(f"{k}." for k in REGISTRIES)
+    overrides = [o if o.startswith(prefixes) else f"{kind}.{name}.{o}" for o in overrides]
+    cfg = load_run_config(None, [f"{kind}.name={name}", *overrides])
     dataset = demos or load_config(policy_dir).datasets[0]
-    fit_verifier(cfg, policy_dir, dataset, out)
+    fit_plugin(cfg, kind, policy_dir, dataset, out)
     print(os.path.abspath(out))
 
 
 def eval_cli(config_path: str | None, overrides: list[str], out: str) -> None:
-    """``steerlab eval policy_dir=... [verifier_dir=...] field=value ...``"""
+    """``steerlab eval policy_dir=... [verifier_dir=...] [adapter_dir=...] field=value ...``"""
     paths = {k: v for k, v in (o.split("=", 1) for o in overrides if "=" in o)
-             if k in ("policy_dir", "verifier_dir")}
+             if k in ("policy_dir", "verifier_dir", "adapter_dir")}
     rest = [o for o in overrides if o.split("=", 1)[0] not in paths]
     if "policy_dir" not in paths:
         raise ValueError("eval: give policy_dir=RUN_DIR (a trained policy run directory)")
     cfg = load_run_config(config_path, rest)
-    run_eval(cfg, paths["policy_dir"], paths.get("verifier_dir"), out)
+    run_eval(cfg, paths["policy_dir"], paths.get("verifier_dir"), out,
+             adapter_dir=paths.get("adapter_dir"))
 
 
 def check_policy_cli(policy_dir: str, demos: str | None, episodes: int) -> None:
@@ -221,20 +255,29 @@ def scaling_cli(policy_dir: str, demos: str | None, out: str, overrides: list[st
 def bench_sampling_cli(policy_dir: str | None, verifier: str | None, Ms=(1, 4, 8, 16, 32, 64),
                        repeats: int = 20) -> dict:
     """Sampling latency per M, with a verifier's scoring timed too when one is named (a learned
-    one unfitted, at its fitted size: the weights do not change the cost)."""
+    one unfitted, at its fitted size: the weights do not change the cost). Without
+    ``policy_dir`` the policy is a fresh-init default flow policy."""
     from policies.bench import bench_sampling, load_bench_policy
 
+    if not Ms or any(int(m) < 1 for m in Ms):
+        raise ValueError(f"bench sampling --Ms: candidate counts must be >= 1, got {list(Ms)}")
+    if repeats < 1:
+        raise ValueError(f"bench sampling --repeats: must be >= 1, got {repeats}")
+    plugin = get_plugin(verifier) if verifier else None
+    envless = ("features", "log_prob")
+    if plugin is not None and not set(plugin.requires) <= set(envless):
+        allowed = sorted(n for n, p in PLUGINS.items() if set(p.requires) <= set(envless))
+        raise ValueError(f"bench sampling --verifier: {verifier!r} needs {plugin.requires}, "
+                         f"which a benchmark without an env cannot give; allowed: {allowed}")
+    bench = load_bench_policy(policy_dir)  # once: the verifier is sized from this policy
     score_fn = None
-    if verifier:
-        plugin = get_plugin(verifier)
-        envless = ("features", "log_prob")
-        if not set(plugin.requires) <= set(envless):
-            allowed = sorted(n for n, p in PLUGINS.items() if set(p.requires) <= set(envless))
-            raise ValueError(f"bench sampling --verifier: {verifier!r} needs {plugin.requires}, "
-                             f"which a benchmark without an env cannot give; allowed: {allowed}")
-        policy = load_bench_policy(policy_dir)[0]
-        cfg, context = plugin.config(), BuildContext(policy=policy)
+    if plugin is not None:
+        if "log_prob" in plugin.requires and not bench[0].has_log_prob:
+            raise ValueError(f"bench sampling --verifier: {verifier!r} needs log-probabilities, "
+                             f"which the {bench[0].name} policy has none of")
+        cfg, context = plugin.config(), BuildContext(policy=bench[0])
         v = (plugin.init(cfg, context, jax.random.PRNGKey(0)) if plugin.init is not None
              else plugin.build(cfg, context))
         score_fn = lambda obs, cands, key: v.score(v.state, obs, cands, key)
-    return bench_sampling(policy_dir, Ms=tuple(Ms), repeats=repeats, score_fn=score_fn)
+    return bench_sampling(bench, Ms=tuple(int(m) for m in Ms), repeats=repeats,
+                          score_fn=score_fn)

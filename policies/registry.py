@@ -11,7 +11,6 @@ it here.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 
 from core.checkpoint import restore_pytree, save_pytree
 from core.config import from_dict, to_dict
-from core.io import write_json
+from core.io import BadFileError, MissingFileError, read_json_object, write_json
 from policies.autoregressive import ARConfig, ARPolicy
 from policies.flow import FlowConfig, FlowPolicy
 
@@ -73,20 +72,37 @@ def policy_dir(path: str) -> str:
     for d in (path, os.path.join(path, "policy")):
         if os.path.isfile(os.path.join(d, POLICY_FILE)):
             return d
-    raise FileNotFoundError(f"no policy at {path!r}: expected {POLICY_FILE} there or in "
-                            f"{os.path.join(path, 'policy')} (train one with "
-                            "`steerlab train-policy`)")
+    raise MissingFileError(f"no policy at {path!r}: expected {POLICY_FILE} there or in "
+                           f"{os.path.join(path, 'policy')} (train one with "
+                           "`steerlab train-policy`)")
+
+
+def _remedy(artifact: str) -> str:
+    """How to make a broken artifact again: SFT exports ``RUN/policy`` from its last checkpoint
+    when the artifact is absent."""
+    if os.path.basename(os.path.normpath(artifact)) == "policy":
+        run = os.path.dirname(os.path.normpath(artifact)) or "."
+        return (f"delete {artifact} and re-run the `steerlab train-policy --out {run}` that made "
+                "it (it exports the policy again from its last checkpoint)")
+    return "export it again (`steerlab train-policy --out RUN` writes RUN/policy)"
 
 
 def load_policy(path: str):
-    """(policy, params) of an exported policy (or a training run directory that has one)."""
+    """(policy, params) of an exported policy (or a training run directory that has one).
+    Errors name the file at fault and say how to make it again."""
     d = policy_dir(path)
-    with open(os.path.join(d, POLICY_FILE)) as f:
-        meta = json.load(f)
+    meta_path = os.path.join(d, POLICY_FILE)
+    meta = read_json_object(meta_path, _remedy(d))
     if meta.get("name") not in POLICIES:
-        raise ValueError(f"{os.path.join(d, POLICY_FILE)}: name must be one of "
-                         f"{sorted(POLICIES)}, got {meta.get('name')!r}")
-    cfg = from_dict(POLICIES[meta["name"]][1], meta["config"])
-    policy = make_policy(meta["name"], cfg)
+        raise BadFileError(f"{meta_path}: name must be one of {sorted(POLICIES)}, got "
+                           f"{meta.get('name')!r}; {_remedy(d)}")
+    if not isinstance(meta.get("config"), dict):
+        raise BadFileError(f"{meta_path}: 'config' must be a mapping of the policy's config "
+                           f"fields; {_remedy(d)}")
+    try:
+        cfg = from_dict(POLICIES[meta["name"]][1], meta["config"])
+        policy = make_policy(meta["name"], cfg)
+    except ValueError as e:
+        raise BadFileError(f"{meta_path}: {e}; {_remedy(d)}") from None
     target = jax.eval_shape(lambda: policy.init(jax.random.PRNGKey(0), example_obs(cfg)))
-    return policy, restore_pytree(os.path.join(d, "params"), target)
+    return policy, restore_pytree(os.path.join(d, "params"), target, _remedy(d))

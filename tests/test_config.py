@@ -67,10 +67,32 @@ def test_policy_stage_ignores_the_fields_the_run_sets():
 
     base = load_run_config(None, [])
     key = stage_keys(base, STAGES)[POLICY.name]
-    for dead in ("policy.tasks=[sort]", "policy.variant=layout", "policy.datasets=[x]"):
+    for dead in ("policy.tasks=[sort]", "policy.variant=layout", "policy.datasets=[x]",
+                 "policy.autoregressive.width=64"):  # the flow policy reads no AR field
         assert stage_keys(load_run_config(None, [dead]), STAGES)[POLICY.name] == key, dead
     for live in ("policy.steps=10", "policy.flow.width=64", "task=push", "demos.episodes=5"):
         assert stage_keys(load_run_config(None, [live]), STAGES)[POLICY.name] != key, live
+
+
+def test_fit_stages_hash_only_the_chosen_plugins_section():
+    """A grid over verifiers does not refit knn when a cfn option changes, and the eval variant
+    (fits see the nominal env) re-keys no fit."""
+    from experiments.grid import stage_keys
+    from experiments.pipeline import ADAPTER, STAGES, VERIFIER
+
+    def keys(*overrides):
+        return stage_keys(load_run_config(None, ["verifier.name=knn", *overrides]), STAGES)
+
+    base = keys()
+    for dead in ("verifier.cfn.epochs=2", "variant=layout", "eval.M=8",
+                 "adapter.clip_to_data.quantile=0.1"):
+        assert keys(dead)[VERIFIER.name] == base[VERIFIER.name], dead
+        assert keys(dead)[ADAPTER.name] == base[ADAPTER.name], dead
+    for live in ("verifier.knn.k=3", "verifier.seed=1", "eval.replan=2", "policy.steps=10"):
+        assert keys(live)[VERIFIER.name] != base[VERIFIER.name], live
+    chosen = keys("adapter.name=clip_to_data")[ADAPTER.name]
+    assert keys("adapter.name=clip_to_data", "adapter.clip_to_data.quantile=0.1")[
+        ADAPTER.name] != chosen
 
 
 def test_run_config_pickles():

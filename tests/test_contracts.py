@@ -1,5 +1,6 @@
-"""Plugin contracts, checked for every registered verifier, policy and env suite: shapes, ``jit``,
-same key → same output, no retrace on a second call, and a tiny ``fit`` for learned verifiers.
+"""Plugin contracts, checked for every registered verifier, adapter, policy and env suite: shapes,
+``jit``, same key → same output, no retrace on a second call, and a tiny ``fit`` for learned
+verifiers and adapters.
 A new plugin is tested here by registering it; nothing in this file names one."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import envs
+from algos.registry import ADAPTERS
 from envs.dataset import load_demos, write_demos
 from policies import ARConfig, FlowConfig, load_policy, make_policy, save_policy
 from policies.registry import POLICIES, example_obs
@@ -122,7 +124,8 @@ def test_verifier_contract(name, policies, env, demos, tmp_path):
     fitted = None
     if plugin.fit is not None:  # a tiny fit on three demonstrations
         fitted = str(tmp_path / "fitted")
-        plugin.fit(config, policy, params, demos, KEY, fitted)
+        plugin.fit(config, BuildContext(env=env, policy=policy, replan=2), params, demos, KEY,
+                   fitted)
     context, obs, vobs = _context_and_obs(plugin, env, policy, fitted)
     v = plugin.build(config, context)
     assert v.name == name and tuple(v.requires) == plugin.requires
@@ -136,3 +139,26 @@ def test_verifier_contract(name, policies, env, demos, tmp_path):
     if plugin.init is not None:  # the unfitted stand-in the benchmarks time has the same shapes
         stand_in = plugin.init(config, context, KEY)
         assert score(stand_in.state, vobs, cands, KEY).shape == (M,)
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTERS))
+def test_adapter_contract(name, policies, env, demos, tmp_path):
+    plugin = ADAPTERS[name]
+    policy, params = policies["flow"]
+    context = BuildContext(env=env, policy=policy, replan=2)
+    if plugin.fit is not None:  # a tiny fit on three demonstrations
+        plugin.fit(plugin.config(), context, params, demos, KEY, str(tmp_path / "fitted"))
+        context = BuildContext(env=env, policy=policy, replan=2,
+                               fitted_dir=str(tmp_path / "fitted"))
+    a = plugin.build(plugin.config(), context)
+    assert a.name == name
+    _, obs = env.reset(KEY)
+    encoded = policy.encode(params, obs)
+    cands = policy.sample(params, encoded, KEY, M)
+    act, traces = counted_jit(lambda s, o, c, x, i, k: a.act(s, o, c, x, i, k))
+    chunk = act(a.state, obs, encoded, cands, jnp.int32(2), KEY)
+    assert chunk.shape == (policy.horizon, policy.action_dim) and chunk.dtype == jnp.float32
+    assert np.all(np.isfinite(chunk))
+    np.testing.assert_array_equal(chunk, act(a.state, obs, encoded, cands, jnp.int32(2), KEY))
+    act(a.state, obs, encoded, cands, jnp.int32(3), jax.random.PRNGKey(1))
+    assert len(traces) == 1

@@ -1,6 +1,9 @@
 """The rollout harness: compiled vs Python-loop agreement, metrics, config errors."""
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -141,3 +144,33 @@ def test_sft_eval_is_the_harness_m1(tiny):
     # a different seed draws other states: the figure is not seed-blind
     other = rollout_success(env, policy, params, seed=8, episodes=16, replan=2)
     assert float(other["progress"]) != pytest.approx(float(sft["progress"]), abs=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class NaNFirstCandidate:
+    """A broken policy: candidate 0 of every decision is all NaN."""
+
+    base: object
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def sample(self, params, context, key, M):
+        cands = self.base.sample(params, context, key, M)
+        return cands.replace(actions=cands.actions.at[0].set(jnp.nan))
+
+
+def test_nan_candidates_are_executed_safely_and_counted(tiny):
+    """The compiled evaluation cannot raise: a NaN chunk is executed as the env's safe value
+    (no motion, grip unchanged), the episodes finish with finite states, and the count of
+    NaN steps is exactly the steps executed from candidate 0."""
+    env, policy, params = tiny
+    setup = _setup(env, NaNFirstCandidate(policy), make_verifier("random"), M=2, episodes=8,
+                   replan=4)
+    rec = evaluate_compiled(setup, params, None)
+    assert np.all(np.isfinite(rec["progress"])) and np.all(rec["length"] >= 1)
+    start = np.arange(setup.num_decisions) * 4  # first step of each decision
+    executed = np.clip(rec["length"][:, None] - start[None], 0, 4) * rec["decisions/alive"]
+    expected = (executed * (rec["decisions/index"] == 0)).sum(1)
+    np.testing.assert_array_equal(rec["nonfinite_actions"], expected)
+    assert 0 < summarize(rec)["nonfinite_actions"] == expected.sum()

@@ -43,6 +43,7 @@ def compiled(setup_and_params):
 def _assert_same(expected, got):
     np.testing.assert_array_equal(expected["success"], got["success"])
     np.testing.assert_array_equal(expected["length"], got["length"])
+    np.testing.assert_array_equal(expected["nonfinite_actions"], got["nonfinite_actions"])
     np.testing.assert_allclose(expected["progress"], got["progress"], atol=1e-5)
 
 

@@ -26,7 +26,10 @@ from typing import Any, Protocol
 
 import jax
 
+from algos.base import BuildContext, NoOptions
 from policies.base import Candidates
+
+__all__ = ["BuildContext", "NoOptions", "Verifier", "VerifierPlugin", "REQUIREMENTS"]
 
 REQUIREMENTS = ("features", "log_prob", "env_state", "expert_chunk")
 
@@ -42,32 +45,14 @@ class Verifier(Protocol):
 
 
 @dataclass(frozen=True)
-class BuildContext:
-    """What a verifier may be built from. Fields a verifier does not need stay ``None``."""
-
-    env: Any = None
-    """the functional env (its spec; the simulator itself for oracle verifiers)"""
-    policy: Any = None
-    """the base policy whose candidates are scored"""
-    replan: int | None = None
-    """steps of each chunk the harness executes before the next decision"""
-    fitted_dir: str | None = None
-    """what ``fit`` wrote, for learned verifiers"""
-
-
-@dataclass(frozen=True)
-class NoOptions:
-    """The config of a verifier that has no options."""
-
-
-@dataclass(frozen=True)
 class VerifierPlugin:
     """How one verifier is configured, built and (optionally) fitted.
 
     build(config, context) -> Verifier
-    fit(config, policy, params, demos, key, out_dir) -> None    # learned verifiers only
-        ``demos`` is the loaded dataset (``envs.dataset.Demos``: ``.chunks(H)``,
-        ``.transitions(...)``); ``fit`` writes what ``build`` reads from ``fitted_dir``.
+    fit(config, context, params, demos, key, out_dir) -> None    # learned verifiers only
+        the one ``fit`` signature (``algos.base``): ``context.policy`` is the policy, ``demos``
+        the loaded dataset (``envs.dataset.Demos``: ``.chunks(H)``, ``.transitions(...)``);
+        ``fit`` writes what ``build`` reads from ``context.fitted_dir``.
     init(config, context, key) -> Verifier                      # learned verifiers only
         an unfitted verifier of the fitted one's size, for cost benchmarks.
     """

@@ -7,7 +7,6 @@ features duplicated k times, the squared output norm must fall like 1/k (``count
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from functools import partial
@@ -17,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core.io import write_json
+from core.io import read_json, write_json
 from policies.base import Candidates
 from verifiers.base import BuildContext, VerifierPlugin
 from verifiers.cfn_model import (
@@ -245,13 +244,14 @@ class CFNVerifier:
 # the plugin
 
 
-def _fit(cfg: CFNConfig, policy: Any, params: Any, demos: Any, key: jax.Array, out: str) -> None:
+def _fit(cfg: CFNConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Array,
+         out: str) -> None:
+    policy = ctx.policy
     log = lambda e, m: print(f"cfn epoch {e}: loss {m['loss']:.4f} |f| {m['f_norm']:.3f}")
     fit_cfn(policy, params, demos.chunks(policy.horizon), cfg, key, out, log=log)
     check_path = os.path.join(out, "count_check.json")
     if os.path.exists(check_path):
-        with open(check_path) as f:
-            c = json.load(f)
+        c = read_json(check_path)
         if c.get("passed") is None:
             print(f"cfn count check: {c.get('skipped')}")
         else:

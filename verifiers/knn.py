@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from algos.base import fitted_config
 from core.checkpoint import restore_pytree, save_pytree
-from core.config import from_dict, to_dict
-from core.io import read_json, write_json
+from core.config import to_dict
+from core.io import write_json
 from policies.base import Candidates
 from verifiers.base import BuildContext, VerifierPlugin
 from verifiers.features import CollectConfig, collect_features
@@ -80,7 +81,9 @@ class KNNVerifier:
         return -knn_distance(vstate, candidates.features)
 
 
-def _fit(cfg: KNNConfig, policy: Any, params: Any, demos: Any, key: jax.Array, out: str) -> None:
+def _fit(cfg: KNNConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Array,
+         out: str) -> None:
+    policy = ctx.policy
     features, info = collect_features(policy, params, demos.chunks(policy.horizon), cfg.collect,
                                       key)
     state = make_state(features, cfg.k)
@@ -92,12 +95,8 @@ def _fit(cfg: KNNConfig, policy: Any, params: Any, demos: Any, key: jax.Array, o
 
 
 def _build(cfg: KNNConfig, ctx: BuildContext) -> KNNVerifier:
-    path = ctx.fitted_dir
-    if path is None or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"verifier knn needs a fitted bank (steerlab fit-verifier knn); "
-                         f"none at {path!r}")
-    fitted = from_dict(KNNConfig, read_json(os.path.join(path, "config.json")))
-    arrays = restore_pytree(os.path.join(path, "bank"), None)
+    fitted = fitted_config(ctx, KNNConfig, "verifier knn", "steerlab fit-verifier knn")
+    arrays = restore_pytree(os.path.join(ctx.fitted_dir, "bank"), None)
     return KNNVerifier(KNNState(arrays["bank"], arrays["mean"], arrays["scale"],
                                 min(fitted.k, arrays["bank"].shape[0])))
 

@@ -40,6 +40,7 @@ from experiments.grid.spec import (
     load_spec,
     needed_stages,
     resolve,
+    stage_fields,
     stage_keys,
     validate_pipeline,
 )
@@ -112,7 +113,8 @@ def run_cell(root: str | Path, name: str, cfg: Any, stages: Sequence[Stage]) -> 
             data = to_dict(cfg)
             for st in needed_stages(stages):
                 ts = time.time()
-                meta = {"fields": {f: get_field(data, f, st.name) for f in st.fields},
+                meta = {"fields": {f: get_field(data, f, st.name)
+                                   for f in stage_fields(st, data)},
                         "deps": {d: keys[d] for d in st.deps}}
                 paths[st.name], built = ensure_stage(
                     root, st, keys[st.name], cfg, {d: paths[d] for d in st.deps}, meta)
@@ -285,13 +287,10 @@ def grid_run_cli(spec_path: str, out: str | None = None, options: GridOptions | 
     """``steerlab grid run SPEC``: the pipeline and config class come from the arguments, else
     the spec's ``pipeline:``/``config:`` keys, else the defaults. Returns an exit code."""
     con = console()
-    try:
-        spec = load_spec(spec_path)
-        cfg_cls = resolve(cfg_cls or spec.config or DEFAULT_CONFIG)
-        cells = expand(spec, cfg_cls)
-    except ConfigError as e:
-        con.print(f"[red]grid spec error:[/red] {e}", markup=True)
-        return 2
+    # a spec error (a ConfigError naming the file and field) reaches the CLI's one-line handler
+    spec = load_spec(spec_path)
+    cfg_cls = resolve(cfg_cls or spec.config or DEFAULT_CONFIG)
+    cells = expand(spec, cfg_cls)
     out = out or str(Path("runs") / spec.name)
     if dry_run:
         for c in cells:

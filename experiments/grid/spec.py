@@ -194,6 +194,16 @@ def expand(spec: GridSpec | dict | str, cfg_cls: type | str) -> list[Cell]:
 # --- pipeline -----------------------------------------------------------------------------------
 
 
+_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+
+
+def stage_fields(st: Stage, data: dict) -> tuple[str, ...]:
+    """A stage's ``fields`` with each ``{path}`` replaced by that field's value in ``data``
+    (``verifier.{verifier.name}``: the chosen verifier's own section only)."""
+    sub = lambda m: str(get_field(data, m.group(1), f"stage {st.name}.fields"))
+    return tuple(_PLACEHOLDER.sub(sub, f) for f in st.fields)
+
+
 def validate_pipeline(stages: Sequence[Stage], cfg: Any) -> None:
     """Stage names unique, deps earlier in the list, declared fields present in ``cfg``."""
     if not stages:
@@ -210,7 +220,7 @@ def validate_pipeline(stages: Sequence[Stage], cfg: Any) -> None:
             if d not in names:
                 raise ConfigError(f"stage {st.name}: dep {d!r} must name an earlier stage; "
                                   f"earlier: {sorted(names)}")
-        for f in st.fields:
+        for f in stage_fields(st, data):
             get_field(data, f, f"stage {st.name}.fields")
         names.add(st.name)
 
@@ -222,7 +232,8 @@ def stage_keys(cfg: Any, stages: Sequence[Stage]) -> dict[str, str]:
     for st in stages[:-1]:
         keys[st.name] = stable_hash({
             "stage": st.name,
-            "fields": {f: get_field(data, f, f"stage {st.name}") for f in st.fields},
+            "fields": {f: get_field(data, f, f"stage {st.name}")
+                       for f in stage_fields(st, data)},
             "deps": {d: keys[d] for d in st.deps},
         })
     return keys

@@ -25,12 +25,14 @@ class Stage:
     """A pipeline step: ``run(cfg, inputs, out_dir)`` where ``inputs`` maps each dep to its dir.
 
     ``fields`` are the dotted config fields the step reads; with the deps' keys they make the
-    cache key, so the step must read no other field."""
+    cache key, so the step must read no other field. A field may name another field's value in
+    braces: ``verifier.{verifier.name}`` is the chosen verifier's own section only."""
 
     name: str
     fields: tuple[str, ...]
     deps: tuple[str, ...]
     run: Callable[[Any, dict[str, Path], Path], None]
+
 
 
 @contextlib.contextmanager
