@@ -48,7 +48,7 @@ def action_range(chunks: np.ndarray, quantile: float) -> tuple[np.ndarray, np.nd
             np.quantile(chunks, 1.0 - quantile, axis=0).astype(np.float32))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: its state holds arrays
 class ClipToData:
     name = "clip_to_data"
     state: ClipState

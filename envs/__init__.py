@@ -10,16 +10,8 @@ from envs.base import ACTION_DIM, IMAGE_SIZE, EnvSpec, FunctionalEnv
 from envs.gym_env import GYM_IDS, TabletopGymEnv, register  # noqa: E402  (after make)
 from envs.language import COLOURS, INSTRUCTION_LEN, VOCAB, decode_instruction, tokenize
 from envs.registry import SUITES, EnvSuite, get_suite, register_suite
-from envs.tabletop import (
-    DEFAULT_MAX_STEPS,
-    REWARDS,
-    STATE_DIM,
-    TASKS,
-    VARIANTS,
-    TabletopEnv,
-    TabletopState,
-    make,
-)
+from envs.tabletop import DEFAULT_MAX_STEPS, REWARDS, TASKS, VARIANTS, TabletopEnv, make
+from envs.tabletop_world import STATE_DIM, TabletopState
 
 register()
 register_suite(EnvSuite("tabletop", make, TASKS, VARIANTS, experts=experts))

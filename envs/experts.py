@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from envs.tabletop import (
+from envs.tabletop import TabletopEnv
+from envs.tabletop_world import (
     CONTACT,
     GRIPPER_RADIUS,
     NUM_ZONES,
     PLACE_RADIUS,
     SPEED,
-    TabletopEnv,
     TabletopState,
 )
 

@@ -9,7 +9,8 @@ from gymnasium import spaces
 
 from envs.base import ACTION_DIM, IMAGE_SIZE
 from envs.language import INSTRUCTION_LEN, VOCAB
-from envs.tabletop import STATE_DIM, TASKS, make
+from envs.tabletop import TASKS, make
+from envs.tabletop_world import STATE_DIM
 
 GYM_IDS = {
     "steerlab/Reach-v0": "reach",

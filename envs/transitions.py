@@ -20,7 +20,7 @@ if it succeeded and 0 otherwise.
 Ends of episodes. ``done`` is True at the last decision of an episode that terminated (its last
 stored step is a success). ``truncated`` is True at the last decision of one that did not: it
 hit the time limit (the last step is done without success) or recording stopped because the
-expert stood still for good (the last step is not done; see ``envs.dataset``). A learner should
+expert stood still for good (the last step is not done; see ``envs.demos``). A learner should
 bootstrap from next_obs on truncated rows and not on done rows. The observation after an
 episode's final action is not stored, so at the last decision next_obs is the episode's last
 stored observation (the one its final action was taken at). The discount stays gamma**replan

@@ -17,7 +17,8 @@ def _print_json(data: dict, path: str | None) -> None:
 
 
 def cmd_demos(args) -> None:
-    from envs.dataset import summarize, write_demos
+    from envs.dataset import summarize
+    from envs.demos import write_demos
 
     manifest = write_demos(args.task, args.episodes, args.mix or None, args.seed, args.out,
                            variant=args.variant, segment=args.segment)

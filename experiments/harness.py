@@ -3,8 +3,8 @@
 On the built-in suite the whole evaluation is one compiled call: ``vmap`` over episodes and
 ``lax.scan`` over decisions (and over the h executed steps inside a decision). Latency is split
 into encode / sample / score / env on a separate uncompiled-loop pass over one environment,
-because phases fused inside one XLA program cannot be timed apart. Any gymnasium environment
-runs through the same jitted policy/verifier calls in a Python loop (``evaluate_gym``).
+because phases fused inside one XLA program cannot be timed apart. Gymnasium environments run
+through the same ``decide`` in ``experiments.host_loop`` (B at a time, or one: ``evaluate_gym``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from envs.rollout import (
     episode_keys,
     execute_chunk,
     num_decisions,
-    split_episode_key,
     unroll,
 )
 from verifiers.registry import SELECT_MODES, select
@@ -248,40 +247,6 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int, astate=None) -> d
         "candidates_per_s": float(cfg.M / policy_s),
         "timing_decisions": decisions,
     }
-
-
-def evaluate_gym(setup: Setup, gym_env, pparams, vstate, astate=None) -> dict[str, np.ndarray]:
-    """The same decisions through a gymnasium env in a Python loop (any simulator).
-
-    The policy and verifier run as one jitted call per decision; only ``gym_env.step`` is
-    Python. An env that takes ``options={"key": ...}`` at reset (the built-in suite's wrapper)
-    starts from the same initial state as the compiled path, so the two agree seed for seed;
-    its ``info["env_state"]`` feeds verifiers that need the simulator state.
-    """
-    cfg = setup.cfg
-    decide_jit = jax.jit(lambda p, v, a, o, s, ke, k: decide(setup, p, v, o, s, ke, k, a)[:2])
-    keys = episode_keys(cfg.seed, cfg.episodes)
-    out: dict[str, list] = {"success": [], "progress": [], "length": [], "nonfinite_actions": []}
-    for i in range(cfg.episodes):
-        k_reset, k_expert, k_decisions = split_episode_key(keys[i], setup.num_decisions)
-        obs, info = gym_env.reset(seed=cfg.seed + i, options={"key": k_reset})
-        success, progress, steps = False, 0.0, 0
-        for d in range(setup.num_decisions):
-            chunk, _ = decide_jit(pparams, vstate, astate, jax.tree.map(jnp.asarray, obs),
-                                  info.get("env_state"), k_expert, k_decisions[d])
-            for action in np.asarray(chunk[: cfg.replan]):
-                obs, _, terminated, truncated, info = gym_env.step(action)
-                steps += 1
-                success, progress = bool(info["success"]), float(info["progress"])
-                if terminated or truncated or steps >= setup.max_steps:
-                    break
-            if terminated or truncated or steps >= setup.max_steps:
-                break
-        out["success"].append(success)
-        out["progress"].append(progress)
-        out["length"].append(steps)
-        out["nonfinite_actions"].append(int(info.get("nonfinite_actions", 0)))
-    return {k: np.asarray(v) for k, v in out.items()}
 
 
 def summarize(records: dict[str, np.ndarray], mode_names: tuple[str, ...] = ()) -> dict:

@@ -13,7 +13,9 @@ import functools
 import jax
 import numpy as np
 
-from experiments.harness import PRIVILEGED, Setup, decide, episode_keys, split_episode_key
+from envs.host import HostDriver
+from envs.rollout import episode_keys, split_episode_key
+from experiments.harness import PRIVILEGED, Setup, decide
 
 
 @functools.lru_cache(maxsize=16)
@@ -77,3 +79,11 @@ def evaluate_host(setup: Setup, driver, pparams, vstate, astate=None) -> dict[st
     parts = [run_batch(setup, driver, decide_fn, states, order[i: i + driver.num_envs])
              for i in range(0, len(order), driver.num_envs)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def evaluate_gym(setup: Setup, gym_env, pparams, vstate, astate=None) -> dict[str, np.ndarray]:
+    """One gymnasium env stepped in this process, episode after episode: ``evaluate_host`` with
+    B = 1. An env that takes ``options={"key": ...}`` at reset (the built-in suite's wrapper)
+    agrees with the compiled path seed for seed."""
+    with HostDriver(lambda: gym_env, num_envs=1) as driver:
+        return evaluate_host(setup, driver, pparams, vstate, astate)

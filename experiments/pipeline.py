@@ -19,7 +19,7 @@ from policies.registry import POLICIES
 
 
 def build_demos(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> None:
-    from envs.dataset import write_demos
+    from envs.demos import write_demos
 
     write_demos(cfg.task, cfg.demos.episodes, cfg.demos.mix or None, cfg.demos.seed,
                 str(out / "data"), image=cfg.demos.image, overwrite=True,

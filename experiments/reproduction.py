@@ -82,7 +82,7 @@ def check_reproduction(policy_dir: str | os.PathLike, dataset_dir: str | os.Path
                        write: bool = True) -> dict:
     """Runs the check for a trained policy run directory against a dataset directory."""
     from core.io import read_json, write_json
-    from envs.dataset import DEFAULT_SEGMENT
+    from envs.demos import DEFAULT_SEGMENT
     from envs.experts import MODES
     from experiments.config import RunConfig
     from experiments.harness import EvalConfig, evaluate_compiled, summarize

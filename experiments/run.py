@@ -133,7 +133,8 @@ def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = 
 
 def run_scaling(cfg: RunConfig, policy_dir, out_dir, episodes: int = 40) -> dict:
     """The offline best-of-N study on held-out demonstrations (a fresh seed)."""
-    from envs.dataset import load_demos, write_demos
+    from envs.dataset import load_demos
+    from envs.demos import write_demos
 
     policy, params = load_policy(str(policy_dir))
     out = Path(out_dir)

@@ -100,9 +100,7 @@ class ARNet(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embed = layers.PrefixEmbed(c.width, c.vocab_size, c.num_tasks, c.instruction_len,
-                                        c.image, c.image_size, c.patch_size, c.state_groups,
-                                        c.state_fourier)
+        self.embed = layers.PrefixEmbed.from_config(c)
         self.blocks = [layers.Block(c.width, c.heads) for _ in range(c.depth)]
         self.tok_embed = nn.Embed(c.bins + 1, c.width)  # id ``bins`` = begin-of-action
         # positions 0..T: T inputs (BOS + T-1 tokens) plus the extra feature step

@@ -119,9 +119,7 @@ class FlowNet(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embed = layers.PrefixEmbed(c.width, c.vocab_size, c.num_tasks, c.instruction_len,
-                                        c.image, c.image_size, c.patch_size, c.state_groups,
-                                        c.state_fourier)
+        self.embed = layers.PrefixEmbed.from_config(c)
         self.blocks = [layers.Block(c.width, c.heads) for _ in range(c.depth)]
         self.prefix_norm = nn.LayerNorm()
         self.kv_proj = [nn.Dense(2 * c.expert_width) for _ in range(c.expert_depth)]

@@ -114,6 +114,10 @@ class Block(nn.Module):
         return x, (k, v)
 
 
+PREFIX_FIELDS = ("width", "vocab_size", "num_tasks", "instruction_len", "image", "image_size",
+                 "patch_size", "state_groups", "state_fourier")
+
+
 class PrefixEmbed(nn.Module):
     """Observation dict [B, ...] -> prefix tokens [B, N, D] and mask [B, N]."""
 
@@ -126,6 +130,11 @@ class PrefixEmbed(nn.Module):
     patch_size: int
     state_groups: tuple = ()
     state_fourier: int = 0
+
+    @classmethod
+    def from_config(cls, c) -> PrefixEmbed:
+        """The prefix of a policy config (flow and AR configs both carry these fields)."""
+        return cls(**{f: getattr(c, f) for f in PREFIX_FIELDS})
 
     @nn.compact
     def __call__(self, obs):

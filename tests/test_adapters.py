@@ -13,7 +13,8 @@ import envs
 from algos.base import ExecuteChosen
 from algos.clip import ClipState, ClipToData, action_range
 from experiments.cli import main
-from experiments.harness import EvalConfig, Setup, evaluate_compiled, evaluate_gym
+from experiments.harness import EvalConfig, Setup, evaluate_compiled
+from experiments.host_loop import evaluate_gym
 from policies import FlowConfig, example_obs, make_policy
 from policies.base import Candidates
 from verifiers.registry import make_verifier

@@ -47,7 +47,7 @@ def inputs(tmp_path_factory) -> Path:
     from algos.sft import TrainConfig
     from core.config import to_dict
     from core.io import write_json
-    from envs.dataset import write_demos
+    from envs.demos import write_demos
     from policies import FlowConfig, example_obs, make_policy, save_policy
 
     root = tmp_path_factory.mktemp("inputs")

@@ -12,7 +12,8 @@ import pytest
 
 import envs
 from algos.registry import ADAPTERS
-from envs.dataset import load_demos, write_demos
+from envs.dataset import load_demos
+from envs.demos import write_demos
 from policies import ARConfig, FlowConfig, load_policy, make_policy, save_policy
 from policies.registry import POLICIES, example_obs
 from verifiers.base import BuildContext

@@ -8,7 +8,8 @@ import pytest
 
 from envs import STATE_DIM, mixture
 from envs import dataset as ds
-from envs.dataset import Dataset, combine, load_demos, summarize, write_demos
+from envs.dataset import Dataset, combine, load_demos, summarize
+from envs.demos import write_demos
 from envs.mixture import DEFAULT_MIX, MIXTURES, parse_mix, validate_mix
 
 
@@ -251,7 +252,7 @@ def test_load_validation(demo_dir, tmp_path):
 
 
 def test_recording_stops_when_the_expert_stands_still():
-    from envs.dataset import _recorded
+    from envs.demos import _recorded
 
     valid = np.ones((2, 6), bool)
     action = np.zeros((2, 6, 3), np.float32)

@@ -10,7 +10,7 @@ from gymnasium.utils.env_checker import check_env
 import envs
 from envs import STATE_DIM, TASKS, VARIANTS, VOCAB, decode_instruction, make
 from envs.language import templates
-from envs.tabletop import CONTACT, SPEED
+from envs.tabletop_world import CONTACT, NUM_OBJECTS, OBJECT_FEATURES, SPEED, ZONE_FEATURES
 
 
 def test_constants_and_spec():
@@ -60,15 +60,15 @@ def test_state_vector_layout_and_gripper_relative_offsets():
     grip = np.asarray(s.grip_pos)
     np.testing.assert_allclose(state[:2], grip)
     start = 4
-    for k in range(envs.tabletop.NUM_OBJECTS):
-        row = state[start + k * envs.tabletop.OBJECT_FEATURES:][:envs.tabletop.OBJECT_FEATURES]
+    for k in range(NUM_OBJECTS):
+        row = state[start + k * OBJECT_FEATURES:][:OBJECT_FEATURES]
         active = float(s.obj_active[k])
         np.testing.assert_allclose(row[:2], np.asarray(s.obj_pos[k]), atol=1e-6)
         np.testing.assert_allclose(row[2:4], (np.asarray(s.obj_pos[k]) - grip) * active,
                                    atol=1e-6)
         assert row[4] == active
-    start += envs.tabletop.NUM_OBJECTS * envs.tabletop.OBJECT_FEATURES
-    zone0 = state[start:start + envs.tabletop.ZONE_FEATURES]
+    start += NUM_OBJECTS * OBJECT_FEATURES
+    zone0 = state[start:start + ZONE_FEATURES]
     np.testing.assert_allclose(zone0[2:4], np.asarray(s.zone_pos[0]) - grip, atol=1e-6)
 
 

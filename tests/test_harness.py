@@ -16,10 +16,10 @@ from experiments.harness import (
     EvalConfig,
     Setup,
     evaluate_compiled,
-    evaluate_gym,
     rank_correlation,
     summarize,
 )
+from experiments.host_loop import evaluate_gym
 from policies import FlowConfig, example_obs, make_policy
 from verifiers.base import BuildContext
 from verifiers.registry import make_verifier

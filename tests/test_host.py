@@ -11,8 +11,8 @@ from host_fixtures import CountingEnv, EarlyEndReach
 
 import envs
 from envs.host import HostDriver
-from experiments.harness import EvalConfig, Setup, evaluate_compiled, evaluate_gym
-from experiments.host_loop import evaluate_host
+from experiments.harness import EvalConfig, Setup, evaluate_compiled
+from experiments.host_loop import evaluate_gym, evaluate_host
 from policies import FlowConfig, example_obs, make_policy
 from verifiers.registry import make_verifier
 

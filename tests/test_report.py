@@ -9,14 +9,13 @@ import pandas as pd
 import pytest
 
 from analysis.load import load_records, load_runs, read_episodes
-from analysis.report import (
+from analysis.paired import pair_episodes, paired_comparisons
+from analysis.report import make_report
+from analysis.report_sections import (
     checks_table,
     fit_table,
     locations,
-    make_report,
     mode_share_table,
-    pair_episodes,
-    paired_comparisons,
     reproduction_lines,
     reuse_commands,
 )

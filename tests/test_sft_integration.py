@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from algos.sft import TrainConfig, load_checkpoint, train_policy
-from envs.dataset import write_demos
+from envs.demos import write_demos
 from policies import FlowConfig, load_policy
 
 

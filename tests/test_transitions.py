@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from envs.dataset import Dataset, load_demos, write_demos
+from envs.dataset import Dataset, load_demos
+from envs.demos import write_demos
 from envs.transitions import transitions
 
 
