@@ -12,25 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from algos.base import Adapter, AdapterPlugin, BuildContext, ExecuteChosen
+from core.registry import Registry
 
-ADAPTERS: dict[str, AdapterPlugin] = {}
-
-
-def register_adapter(plugin: AdapterPlugin) -> AdapterPlugin:
-    if plugin.name in ADAPTERS and ADAPTERS[plugin.name] is not plugin:
-        raise ValueError(f"adapter {plugin.name!r} is registered twice")
-    ADAPTERS[plugin.name] = plugin
-    return plugin
-
-
-def known_adapters() -> list[str]:
-    return sorted(ADAPTERS)
-
-
-def get_adapter_plugin(name: str) -> AdapterPlugin:
-    if name not in ADAPTERS:
-        raise ValueError(f"adapter: unknown name {name!r}; known: {known_adapters()}")
-    return ADAPTERS[name]
+ADAPTERS = Registry("adapter", "adapter")
+register_adapter = ADAPTERS.register
+known_adapters = ADAPTERS.known
+get_adapter_plugin = ADAPTERS.lookup
 
 
 def make_adapter(name: str, context: BuildContext | None = None, config: Any = None) -> Adapter:

@@ -11,7 +11,6 @@ episode) is read separately with ``read_episodes``. The per-run reading lives in
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -29,7 +28,6 @@ from core.results import (
     flatten,
     load_records,
     read_episodes,
-    read_json_file,
     record_row,
 )
 
@@ -97,8 +95,8 @@ def check_results(paths_or_dirs) -> list[Path]:
 def read_json_dict(path) -> dict | None:
     """A JSON object from ``path``, or None when it is missing, unreadable or not an object."""
     try:
-        data = read_json_file(Path(path))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        data = read_json(path)
+    except (OSError, ValueError):  # missing, or not JSON (BadFileError)
         return None
     return data if isinstance(data, dict) else None
 

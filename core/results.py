@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from core.io import read_json
+
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 EPISODES_FILE = "episodes.jsonl"
@@ -49,11 +51,6 @@ def find_results(paths_or_dirs) -> list[Path]:
     return out
 
 
-def read_json_file(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
 def load_records(paths_or_dirs) -> list[dict]:
     """Raw result dicts (with ``path`` = run dir, ``config`` filled from config.json if absent).
 
@@ -62,16 +59,16 @@ def load_records(paths_or_dirs) -> list[dict]:
     records = []
     for f in find_results(paths_or_dirs):
         try:
-            rec = read_json_file(f)
-        except (OSError, json.JSONDecodeError):
+            rec = read_json(f)
+        except (OSError, ValueError):  # missing, half-written or not JSON
             continue
         if not isinstance(rec, dict):
             continue
         run_dir = f.parent
         if not isinstance(rec.get("config"), dict) and (run_dir / CONFIG_FILE).is_file():
             try:
-                rec["config"] = read_json_file(run_dir / CONFIG_FILE)
-            except (OSError, json.JSONDecodeError):
+                rec["config"] = read_json(run_dir / CONFIG_FILE)
+            except (OSError, ValueError):
                 rec["config"] = {}
         rec["path"] = str(run_dir)
         records.append(rec)

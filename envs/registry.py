@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-SUITES: dict[str, EnvSuite] = {}
+from core.registry import Registry
+
+SUITES = Registry("env suite", "suite")
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,5 @@ class EnvSuite:
                              f"{self.name!r}, got {variant!r}")
 
 
-def register_suite(suite: EnvSuite) -> EnvSuite:
-    if suite.name in SUITES and SUITES[suite.name] is not suite:
-        raise ValueError(f"env suite {suite.name!r} is registered twice")
-    SUITES[suite.name] = suite
-    return suite
-
-
-def get_suite(name: str) -> EnvSuite:
-    if name not in SUITES:
-        raise ValueError(f"suite: unknown env suite {name!r}; known: {sorted(SUITES)}")
-    return SUITES[name]
+register_suite = SUITES.register
+get_suite = SUITES.lookup

@@ -75,12 +75,8 @@ class RunConfig:
         import envs
 
         envs.get_suite(self.suite).validate(self.task, self.variant)
-        if self.verifier.name not in PLUGINS:
-            raise ValueError(f"verifier.name: unknown verifier {self.verifier.name!r}; "
-                             f"known: {sorted(PLUGINS)}")
-        if self.adapter.name not in ADAPTERS:
-            raise ValueError(f"adapter.name: unknown adapter {self.adapter.name!r}; "
-                             f"known: {sorted(ADAPTERS)}")
+        PLUGINS.lookup(self.verifier.name, "verifier.name")
+        ADAPTERS.lookup(self.adapter.name, "adapter.name")
         if self.demos.episodes < 1:
             raise ValueError(f"demos.episodes must be >= 1, got {self.demos.episodes}")
         if self.demos.segment < 0:

@@ -16,7 +16,6 @@ pushed anywhere in particular, and the standardised prior keeps ||f||^2/d near 1
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -31,7 +30,7 @@ from flax import struct
 
 from core.checkpoint import restore_pytree, save_pytree
 from core.config import from_dict, to_dict
-from core.io import write_json
+from core.io import read_json, write_json
 from verifiers.features import CollectConfig
 
 
@@ -364,12 +363,8 @@ def save_cfn(state: CFNState, out_dir: str, extra: dict | None = None) -> str:
 
 
 def load_cfn(run_dir: str) -> CFNState:
-    cfg_path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"load_cfn: no config.json in {run_dir} (fit one with "
-                                "`steerlab fit-verifier cfn`)")
-    with open(cfg_path) as f:
-        cfg = from_dict(CFNConfig, json.load(f))
+    cfg = from_dict(CFNConfig, read_json(os.path.join(run_dir, "config.json"),
+                                         "fit one with `steerlab fit-verifier cfn`"))
     template = init_cfn(cfg, cfg.input_dim, jax.random.PRNGKey(0))
     return template.replace(**restore_pytree(os.path.join(run_dir, "ckpt"), _arrays(template)))
 

@@ -15,28 +15,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from verifiers.base import BuildContext, Verifier, VerifierPlugin
+from core.registry import Registry
+from verifiers.base import BuildContext, Verifier
 
-PLUGINS: dict[str, VerifierPlugin] = {}
+PLUGINS = Registry("verifier", "verifier")
+register = PLUGINS.register
+known_verifiers = PLUGINS.known
+get_plugin = PLUGINS.lookup
 
 SELECT_MODES = ("argmax", "softmax")
-
-
-def register(plugin: VerifierPlugin) -> VerifierPlugin:
-    if plugin.name in PLUGINS and PLUGINS[plugin.name] is not plugin:
-        raise ValueError(f"verifier {plugin.name!r} is registered twice")
-    PLUGINS[plugin.name] = plugin
-    return plugin
-
-
-def known_verifiers() -> list[str]:
-    return sorted(PLUGINS)
-
-
-def get_plugin(name: str) -> VerifierPlugin:
-    if name not in PLUGINS:
-        raise ValueError(f"verifier: unknown name {name!r}; known: {known_verifiers()}")
-    return PLUGINS[name]
 
 
 def make_verifier(name: str, context: BuildContext | None = None, config: Any = None) -> Verifier:
