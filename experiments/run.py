@@ -199,23 +199,28 @@ def fit_plugin(cfg: RunConfig, kind: str, policy_dir, demos_path, out) -> bool:
     return True
 
 
+def policy_dataset(policy_dir: str, demos: str | None) -> str:
+    """``--demos``, or the dataset the policy run at ``--policy`` was trained on."""
+    from algos.sft import load_config
+
+    if not os.path.isfile(os.path.join(policy_dir, "config.json")):
+        raise FileNotFoundError(f"--policy: no trained policy run at {policy_dir!r}")
+    return demos or load_config(policy_dir).datasets[0]
+
+
 def fit_cli(kind: str, name: str, policy_dir: str, demos: str | None, out: str,
             overrides: list[str]) -> None:
     """``steerlab fit-verifier|adapt NAME --policy RUN --out DIR [field=value ...]``: the fields
     are the plugin's own (``epochs=8``), or run-config paths (``verifier.seed=1``)."""
-    from algos.sft import load_config
-
     command = {"verifier": "fit-verifier", "adapter": "adapt"}[kind]
     trainable = sorted(n for n, p in REGISTRIES[kind].items() if p.fit is not None)
     if name not in trainable:
         raise ValueError(f"{command}: unknown or untrainable name {name!r}; "
                          f"trainable: {trainable}")
-    if not os.path.isfile(os.path.join(policy_dir, "config.json")):
-        raise FileNotFoundError(f"--policy: no trained policy run at {policy_dir!r}")
+    dataset = policy_dataset(policy_dir, demos)
     prefixes = tuple(f"{k}." for k in REGISTRIES)
     overrides = [o if o.startswith(prefixes) else f"{kind}.{name}.{o}" for o in overrides]
     cfg = load_run_config(None, [f"{kind}.name={name}", *overrides])
-    dataset = demos or load_config(policy_dir).datasets[0]
     fit_plugin(cfg, kind, policy_dir, dataset, out)
     print(os.path.abspath(out))
 
@@ -233,16 +238,13 @@ def eval_cli(config_path: str | None, overrides: list[str], out: str) -> None:
 
 
 def check_policy_cli(policy_dir: str, demos: str | None, episodes: int) -> None:
-    from algos.sft import load_config
     from experiments.reproduction import (
         ReproductionConfig,
         check_reproduction,
         summarize_reproduction,
     )
 
-    if not os.path.isfile(os.path.join(policy_dir, "config.json")):
-        raise FileNotFoundError(f"--policy: no trained policy run at {policy_dir!r}")
-    dataset = demos or load_config(policy_dir).datasets[0]
+    dataset = policy_dataset(policy_dir, demos)
     report = check_reproduction(policy_dir, dataset, ReproductionConfig(episodes=episodes))
     print(summarize_reproduction(report))
     print(f"wrote {os.path.join(policy_dir, 'reproduction.json')}")
