@@ -6,9 +6,9 @@ Layout of a dataset directory:
                    mode_label
     episodes.npz   per-episode arrays [E]: mode (-1 when modes change per segment), length,
                    success, wrong_block
-    manifest.json  schema_version, task, variant, mix, segment, seed, counts, success, the
-                   per-step mode shares by progress bin, the classifier's label accuracy, the
-                   premise check, shapes
+    manifest.json  schema_version, task, variant, mix, segment, max_steps (the episodes' time
+                   limit), seed, counts, success, the per-step mode shares by progress bin, the
+                   classifier's label accuracy, the premise check, shapes
 
 ``envs.demos.write_demos`` writes one (how modes, segments and decision steps are drawn is
 described there). Only steps taken before an episode ended are stored, so episodes have
@@ -246,7 +246,8 @@ def summarize(manifest: dict) -> str:
     mix = ",".join(f"{k}={v:g}" for k, v in manifest["mix"].items())
     lines = [
         f"task={manifest['task']} variant={manifest['variant']} seed={manifest['seed']} "
-        f"image={manifest.get('image')} segment={manifest['segment']} mix={mix}",
+        f"image={manifest.get('image')} segment={manifest['segment']} mix={mix} "
+        f"max_steps={manifest.get('max_steps', '-')}",
         f"episodes={c['episodes']} steps={c['steps']} success={manifest['success_rate']:.3f} "
         f"wrong_block={manifest['wrong_block_rate']:.3f}",
     ]

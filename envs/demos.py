@@ -31,6 +31,7 @@ from envs.mixture import (
     mode_shares_by_bin,
     premise_check,
     progress_bins,
+    time_limit,
     validate_mix,
 )
 from envs.tabletop import make
@@ -66,14 +67,14 @@ def labelled_rollout(env, key: jax.Array, modes: jax.Array, segment: int, h: int
 
 
 @functools.cache
-def _rollout_fn(task: str, variant: str, image: bool, segment: int, h: int):
-    env = make(task, variant, image=image)
+def _rollout_fn(task: str, variant: str, image: bool, segment: int, h: int, max_steps: int):
+    env = make(task, variant, image=image, max_steps=max_steps)
     return jax.jit(jax.vmap(lambda k, m: labelled_rollout(env, k, m, segment, h)))
 
 
 def _collect(task: str, variant: str, image: bool, keys: np.ndarray, modes: np.ndarray,
-             segment: int):
-    fn = _rollout_fn(task, variant, image, segment, segment or DEFAULT_SEGMENT)
+             segment: int, max_steps: int):
+    fn = _rollout_fn(task, variant, image, segment, segment or DEFAULT_SEGMENT, max_steps)
     parts = []
     for i in range(0, len(modes), _BATCH):
         k = keys[i : i + _BATCH]
@@ -117,6 +118,7 @@ def write_demos(
     leaves a partial dataset behind.
     """
     check_task_variant(task, variant)
+    T = time_limit(task, mix) or make(task, variant).max_steps
     mix = validate_mix(task, DEFAULT_MIX if mix is None else mix)
     if not isinstance(episodes, int) or episodes < 1:
         raise ValueError(f"episodes: must be a positive int, got {episodes!r}")
@@ -128,7 +130,6 @@ def write_demos(
         raise ValueError(f"out_dir: {out_dir} exists; give another --out, or delete it to "
                          "write it again (overwrite=True from Python)")
 
-    T = make(task, variant).max_steps
     n_segments = -(-T // segment) if segment else 1
     rng = np.random.default_rng(seed)
     names = list(mix)
@@ -136,7 +137,7 @@ def write_demos(
                        p=np.array([mix[n] for n in names]))
     modes = np.array([ALL_MODES.index(n) for n in names], np.int32)[drawn]  # [E, S]
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), episodes))
-    traj = _collect(task, variant, image, keys, modes, segment)
+    traj = _collect(task, variant, image, keys, modes, segment, T)
 
     ep_success = (traj["success"] & traj["valid"]).any(1)
     valid = _recorded(traj["valid"], traj["action"])  # [E, T]
@@ -164,6 +165,7 @@ def write_demos(
         "variant": variant,
         "mix": mix,
         "segment": segment,
+        "max_steps": int(T),
         "seed": int(seed),
         "image": bool(image),
         "modes": list(ALL_MODES),

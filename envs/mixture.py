@@ -16,13 +16,22 @@ from envs.tabletop import TASKS, VARIANTS
 
 # Named mixtures (per decision step, the same for every task). "premise": pi* the densest mode
 # at every stage, as TACO's analysis assumes, with room for the base policy to fail.
-# "counter_premise": pi* a minority and one failure mode (sloppy: identical to pi* until the
-# release, then it lets go 0.15 short and stands still) the densest everywhere, so a verifier
-# that follows the density must do worse than random there. wrong_object (a grounding failure)
-# is left to explicit mixes.
+# "counter_premise": pi* a minority and one failure mode (hesitant: pauses and half speed) the
+# densest everywhere, so a verifier that follows the density must do worse than random there.
+# The dominant failure mode must be distinct from pi* in chunk space at every stage (sloppy is
+# not: it equals pi* until the release) and fatal only when it is followed: a segment of
+# hesitation costs a few steps, always hesitating never finishes. That needs a longer time
+# limit than the task's default, set per task in MIXTURE_MAX_STEPS so that the mixture itself
+# succeeds in about half of its episodes, pi* in all and hesitant in none (simulated from the
+# experts alone, 2000 episodes per task, before any policy was trained). wrong_object (a
+# grounding failure) is left to explicit mixes: a segment of it drops the right block, so a
+# mixture dominated by it almost never succeeds and leaves no room to hurt.
 MIXTURES: dict[str, dict[str, float]] = {
     "premise": {"optimal": 0.6, "hesitant": 0.2, "detour": 0.1, "sloppy": 0.1},
-    "counter_premise": {"optimal": 0.25, "hesitant": 0.15, "detour": 0.15, "sloppy": 0.45},
+    "counter_premise": {"optimal": 0.25, "hesitant": 0.5, "detour": 0.25},
+}
+MIXTURE_MAX_STEPS: dict[str, dict[str, int]] = {
+    "counter_premise": {"reach": 40, "push": 78, "pick_place": 92, "sort": 126},
 }
 DEFAULT_MIX = "premise"
 PROGRESS_BINS = 5
@@ -35,6 +44,14 @@ def check_task_variant(task: str, variant: str) -> None:
         raise ValueError(f"task: unknown {task!r}; allowed values are {TASKS}")
     if variant not in VARIANTS:
         raise ValueError(f"variant: unknown {variant!r}; allowed values are {VARIANTS}")
+
+
+def time_limit(task: str, mix: dict[str, float] | str | None) -> int | None:
+    """The episode time limit a named mixture sets for ``task`` (None: the task's default). The
+    demonstrations and every evaluation of a policy trained on them use it."""
+    if isinstance(mix, str) and mix.strip() in MIXTURE_MAX_STEPS:
+        return MIXTURE_MAX_STEPS[mix.strip()].get(task)
+    return None
 
 
 def _parse_named(text: str) -> dict[str, float]:

@@ -95,8 +95,10 @@ def check_reproduction(policy_dir: str | os.PathLike, dataset_dir: str | os.Path
     policy, params = load_policy(str(policy_dir))
     # Decisions every `segment` steps, as the data's decision chunks were labelled.
     replan = manifest.get("segment") or DEFAULT_SEGMENT
+    # The data's own time limit (a mixture may set one longer than the task's).
     eval_cfg = EvalConfig(M=1, episodes=cfg.episodes, seed=cfg.seed, replan=replan,
-                          annotate_oracle=False, timing_decisions=0)
+                          max_steps=manifest.get("max_steps", 0), annotate_oracle=False,
+                          timing_decisions=0)
     run_cfg = replace(RunConfig(task=task), eval=eval_cfg)
     env = make_env_for(run_cfg, policy)
     setup = build_setup(run_cfg, env, policy, make_verifier("random"))

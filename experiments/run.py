@@ -14,6 +14,7 @@ from algos.registry import ADAPTERS, make_adapter
 from core.config import to_dict
 from core.io import write_json, write_text
 from envs import get_suite
+from envs.mixture import time_limit
 from experiments.config import RunConfig, load_run_config, plugin_options
 from experiments.harness import (
     Setup,
@@ -52,10 +53,12 @@ def make_adapter_for(cfg: RunConfig, env, policy, fitted_dir: str | os.PathLike 
 
 
 def make_env_for(cfg: RunConfig, policy):
-    """The evaluation env; images are rendered only when the policy reads them."""
+    """The evaluation env; images are rendered only when the policy reads them. Its time limit
+    is ``eval.max_steps``, else the one the run's demonstration mixture sets (the
+    counter-premise's is longer than the task's), else the task's."""
     image = bool(getattr(policy.cfg, "image", True))
-    return get_suite(cfg.suite).make(cfg.task, cfg.variant, image=image,
-                                     max_steps=cfg.eval.max_steps or None)
+    max_steps = cfg.eval.max_steps or time_limit(cfg.task, cfg.demos.mix or None)
+    return get_suite(cfg.suite).make(cfg.task, cfg.variant, image=image, max_steps=max_steps)
 
 
 def build_setup(cfg: RunConfig, env, policy, verifier, adapter=None) -> Setup:

@@ -106,6 +106,8 @@ def test_optimizer_lr_advances_per_minibatch():
 def test_config_validation():
     with pytest.raises(ValueError, match="hidden_dim"):
         CFNConfig(hidden_dim=0)
+    with pytest.raises(ValueError, match="feature_noise"):
+        CFNConfig(feature_noise=-0.5)
     with pytest.raises(ValueError, match="mode"):
         CollectConfig(mode="best")
 
@@ -140,6 +142,11 @@ def test_training_deterministic_and_reduces_loss(trained):
     assert h1[-1]["loss"] < h1[0]["loss"]
     # Running stats saw every mini-batch: 4 batches (wrapped to 32 rows each) x 4 epochs.
     assert float(s1.prior_count) == 4 * 32 * 4
+    # Training noise of std 0 is exact training; any other std changes the fit.
+    s0, _ = train_cfn(TRAIN_X, TRAIN_CFG, noise_std=np.zeros(6, np.float32))
+    jax.tree.map(np.testing.assert_array_equal, s1.params, s0.params)
+    s3, _ = train_cfn(TRAIN_X, TRAIN_CFG, noise_std=0.3)
+    assert not np.array_equal(s1.params["Dense_0"]["kernel"], s3.params["Dense_0"]["kernel"])
 
 
 def test_save_load_round_trip_and_registry(tmp_path, trained):

@@ -4,7 +4,7 @@ import pytest
 
 from core.config import ConfigError, apply_overrides, from_dict, stable_hash, to_dict
 from core.io import read_json, write_json
-from experiments.config import load_run_config
+from experiments.config import RunConfig, load_run_config
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,20 @@ def test_run_config_pickles():
 
     cfg = load_run_config(None, ["verifier.name=cfn", "verifier.cfn.epochs=2"])
     assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+def test_eval_env_takes_the_time_limit_of_the_runs_mixture():
+    """A policy trained on the counter-premise is evaluated under that mixture's longer limit
+    (the demonstrations were rolled out under it); eval.max_steps still overrides."""
+    from types import SimpleNamespace
+
+    from envs.mixture import time_limit
+    from experiments.run import make_env_for
+
+    policy = SimpleNamespace(cfg=SimpleNamespace(image=False))
+    default = make_env_for(RunConfig(task="pick_place"), policy).spec.max_steps
+    counter = load_run_config(None, ["task=pick_place", "demos.mix=counter_premise"])
+    assert make_env_for(counter, policy).spec.max_steps == time_limit("pick_place",
+                                                                      "counter_premise") > default
+    capped = load_run_config(None, ["demos.mix=counter_premise", "eval.max_steps=30"])
+    assert make_env_for(capped, policy).spec.max_steps == 30

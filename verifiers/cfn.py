@@ -99,7 +99,7 @@ def log_log_slope(ks, q) -> float:
 def count_check(
     features: np.ndarray | jax.Array, cfg: CFNConfig, key: jax.Array,
     perturb_std: np.ndarray | float | None = None, ks: tuple[int, ...] = COUNT_CHECK_KS,
-    groups_per_k: int = 16,
+    groups_per_k: int = 16, train_noise_std: np.ndarray | None = None,
 ) -> dict:
     """Does a CFN fitted with ``cfg`` count on these features?
 
@@ -112,7 +112,8 @@ def count_check(
     Variants: "exact" copies and, if ``perturb_std`` ([F] or scalar) is given, "perturbed"
     copies with N(0, perturb_std^2) noise on every copy (several samples of the policy at one
     state), queried at the clean feature. The variants use disjoint held-out groups in the
-    same fit (one fit however many variants).
+    same fit (one fit however many variants). ``train_noise_std`` is the fit's own training
+    noise (``train_cfn``'s noise_std), as the deployed head was trained.
 
     Returns a JSON-able dict: per variant the per-k mean ||f||^2/d ("sq_norm_per_k"), the
     slope and "slope_pass" (slope <= SLOPE_MAX); over all training rows fc = E[f.c]/d,
@@ -146,7 +147,7 @@ def count_check(
     dup_std = np.repeat(np.stack([stds[v] for v in names]), int(np.sum(ks)) * groups_per_k, 0)
     x = duplicated_set(feats, jnp.asarray(rest), jnp.asarray(dup_src), jnp.asarray(dup_std),
                        k_noise, num_dup=len(dup_src))
-    state, _ = train_cfn(x, cfg, k_fit)
+    state, _ = train_cfn(x, cfg, k_fit, noise_std=train_noise_std)
     q = np.asarray(mean_sq_norm(state, feats[jnp.asarray(held)])).mean(axis=-1)  # [variant, k]
     st = {k: float(v) for k, v in coin_flip_stats(state, x).items()}
     energy_ok = bool(abs(st["fc"] - st["ff"]) <= ENERGY_TOL * st["ff"])
@@ -182,8 +183,10 @@ def fit_cfn(policy: Any, params: Any, dataset: Any, cfg: CFNConfig, key: jax.Arr
     k_collect, k_train = jax.random.split(key)
     t0 = time.perf_counter()
     feats, collect_info = collect_features(policy, params, dataset, cfg.collect, k_collect)
+    spread = feature_spread(policy, params, dataset, jax.random.fold_in(key, 2))
+    noise_std = cfg.feature_noise * spread
     t1 = time.perf_counter()
-    state, history = train_cfn(feats, cfg, k_train, log=log)
+    state, history = train_cfn(feats, cfg, k_train, log=log, noise_std=noise_std)
     fit = {k: float(v) for k, v in coin_flip_stats(state, jnp.asarray(feats)).items()}
     t2 = time.perf_counter()
     if out_dir is not None:
@@ -191,9 +194,10 @@ def fit_cfn(policy: Any, params: Any, dataset: Any, cfg: CFNConfig, key: jax.Arr
         extra = {"collect": collect_info, "history": history,
                  "train_count_median": float(np.median(train_counts)),
                  "eval_loss": fit["loss"], "eval_fc": fit["fc"], "eval_ff": fit["ff"],
+                 "spread_rms": float(np.sqrt(np.mean(spread**2))),
                  "collect_s": t1 - t0, "train_s": t2 - t1}
         if cfg.count_check:
-            check = fit_count_check(policy, params, dataset, feats, state.config,
+            check = fit_count_check(feats, state.config, spread, noise_std,
                                     jax.random.fold_in(key, 1))
             write_json(os.path.join(out_dir, "count_check.json"), check)
             extra["count_check_passed"] = check.get("passed")
@@ -202,17 +206,16 @@ def fit_cfn(policy: Any, params: Any, dataset: Any, cfg: CFNConfig, key: jax.Arr
     return state
 
 
-def fit_count_check(policy: Any, params: Any, dataset: dict, feats: np.ndarray,
-                    cfg: CFNConfig, key: jax.Array) -> dict:
+def fit_count_check(feats: np.ndarray, cfg: CFNConfig, spread: np.ndarray,
+                    noise_std: np.ndarray, key: jax.Array) -> dict:
     """``count_check`` as fit_cfn runs it: the policy's sampling spread as the perturbation,
-    and fewer held-out groups on small feature sets (at most half the features held out,
-    over both variants)."""
+    the deployed head's training noise, and fewer held-out groups on small feature sets (at
+    most half the features held out, over both variants)."""
     groups = min(16, feats.shape[0] // (4 * len(COUNT_CHECK_KS)))
     if groups < 1:
         return {"passed": None, "skipped": f"too few features ({feats.shape[0]})"}
-    k_spread, k_check = jax.random.split(key)
-    std = feature_spread(policy, params, dataset, k_spread)
-    return count_check(feats, cfg, k_check, perturb_std=std, groups_per_k=groups)
+    return count_check(feats, cfg, key, perturb_std=spread, groups_per_k=groups,
+                       train_noise_std=noise_std)
 
 
 # ---------------------------------------------------------------------------------------------
