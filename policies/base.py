@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 Context = Any  # policy-specific pytree (prefix keys/values, ...)
@@ -54,3 +56,21 @@ class ConfiguredPolicy:
     @property
     def action_dim(self) -> int:
         return self.cfg.action_dim
+
+
+def sample_at_states(policy: BasePolicy, params: Any, obs: dict, key: jax.Array, M: int,
+                     batch: int = 256) -> np.ndarray:
+    """M candidate chunks from the policy at each of N dataset observations (a dict of [N, ...]
+    arrays) -> f32 [N, M, H, A]. Batches of ``batch`` states, the last padded so that every
+    batch shares one compilation; state i always uses the key ``fold_in(key, i)``."""
+    n = len(next(iter(obs.values())))
+    fn = jax.jit(jax.vmap(lambda o, k: policy.sample(params, policy.encode(params, o), k,
+                                                     M).actions))
+    out = []
+    for start in range(0, n, batch):
+        sel = np.arange(start, min(start + batch, n))
+        pad = np.concatenate([sel, np.full(batch - len(sel), sel[-1])])
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(pad))
+        ob = jax.tree.map(lambda x, p=pad: jnp.asarray(np.asarray(x)[p]), obs)
+        out.append(np.asarray(fn(ob, keys))[: len(sel)])
+    return np.concatenate(out).astype(np.float32)

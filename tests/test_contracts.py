@@ -1,9 +1,12 @@
 """Plugin contracts, checked for every registered verifier, adapter, policy and env suite: shapes,
 ``jit``, same key → same output, no retrace on a second call, and a tiny ``fit`` for learned
 verifiers and adapters.
-A new plugin is tested here by registering it; nothing in this file names one."""
+A new plugin is tested here by registering it; only ``TINY_FIT`` names one, with the options that
+keep its tiny fit short."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 
 import envs
+from algos.calql import CalQLConfig
 from algos.registry import ADAPTERS
 from envs.dataset import load_demos
 from envs.demos import write_demos
@@ -117,11 +121,19 @@ def _context_and_obs(plugin, env, policy, fitted_dir):
     return BuildContext(env=env, policy=policy, replan=2, fitted_dir=fitted_dir), obs, vobs
 
 
+# Fit options that keep a learner's tiny fit tiny (its defaults train for minutes). Cal-QL's
+# fit takes the path the shipped grids use: the base policy's candidates in the conservative
+# term (its own actor is covered by tests/test_calql.py).
+TINY_FIT = {"calql": {"base_samples": 2, "learner": CalQLConfig(
+    hidden=(16,), actor_hidden=(16,), batch_size=8, steps=4, updates_per_call=2, warmup=0,
+    policy_samples="base", importance_sampling=False)}}
+
+
 @pytest.mark.parametrize("name", sorted(PLUGINS))
 def test_verifier_contract(name, policies, env, demos, tmp_path):
     plugin = PLUGINS[name]
     policy, params = policies["autoregressive" if "log_prob" in plugin.requires else "flow"]
-    config = plugin.config()
+    config = dataclasses.replace(plugin.config(), **TINY_FIT.get(name, {}))
     fitted = None
     if plugin.fit is not None:  # a tiny fit on three demonstrations
         fitted = str(tmp_path / "fitted")
