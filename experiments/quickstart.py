@@ -40,10 +40,7 @@ FAST = {
                "flow": {"width": 32, "depth": 1, "heads": 2, "expert_width": 16,
                         "expert_heads": 2, "num_steps": 2}},
     "verifier": {"cfn": {"epochs": 1, "hidden_dim": 32, "depth": 1, "batch_size": 64,
-                         "collect": {"max_states": 64, "num_search": 4}},
-                 "calql": {"base_samples": 2,
-                           "learner": {"hidden": [16], "actor_hidden": [16], "batch_size": 8,
-                                       "steps": 4, "updates_per_call": 2}}},
+                         "collect": {"max_states": 64, "num_search": 4}}},
     "eval": {"episodes": 4, "max_steps": 16, "timing_decisions": 2},
     "scaling": {"Ns": [1, 2, 4, 8], "states": 8, "n_hat": 2, "n_boot": 20},
 }
