@@ -270,7 +270,8 @@ def _vocab_size(cfg: CalQLConfig, obs: dict) -> int:
 
 
 def init_calql(cfg: CalQLConfig, data: dict, key: jax.Array) -> CalQLState:
-    """A fresh learner sized from ``prepare``'s arrays (obs layout, vocabulary, chunk size)."""
+    """A fresh learner sized from ``data["obs"]`` (layout, vocabulary) and ``data["action"]``
+    [N, H A] (chunk size), e.g. ``prepare``'s arrays."""
     action_dim = int(data["action"].shape[-1])
     critic, actor = _nets(cfg, _vocab_size(cfg, data["obs"]), action_dim)
     one = jax.tree.map(lambda x: x[:1], data["obs"])

@@ -58,19 +58,29 @@ class ConfiguredPolicy:
         return self.cfg.action_dim
 
 
+def map_state_batches(fn, data: Any, key: jax.Array, batch: int,
+                      rows: np.ndarray | None = None) -> Any:
+    """``fn(data_batch, keys)`` over the rows of a pytree of [N, ...] arrays (all rows, or
+    ``rows``), ``batch`` rows at a time, the last batch padded so that every batch shares one
+    compilation; row i always gets the key ``fold_in(key, i)``. Returns fn's output pytree as
+    numpy arrays concatenated over the rows."""
+    if rows is None:
+        rows = np.arange(len(jax.tree.leaves(data)[0]))
+    out = []
+    for start in range(0, len(rows), batch):
+        sel = rows[start:start + batch]
+        pad = np.concatenate([sel, np.full(batch - len(sel), sel[-1])])
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(pad))
+        part = fn(jax.tree.map(lambda x, p=pad: jnp.asarray(np.asarray(x)[p]), data), keys)
+        n = len(sel)
+        out.append(jax.tree.map(lambda y, n=n: np.asarray(y)[:n], part))
+    return jax.tree.map(lambda *ys: np.concatenate(ys), *out)
+
+
 def sample_at_states(policy: BasePolicy, params: Any, obs: dict, key: jax.Array, M: int,
                      batch: int = 256) -> np.ndarray:
     """M candidate chunks from the policy at each of N dataset observations (a dict of [N, ...]
-    arrays) -> f32 [N, M, H, A]. Batches of ``batch`` states, the last padded so that every
-    batch shares one compilation; state i always uses the key ``fold_in(key, i)``."""
-    n = len(next(iter(obs.values())))
+    arrays) -> f32 [N, M, H, A]; state i uses the key ``fold_in(key, i)``."""
     fn = jax.jit(jax.vmap(lambda o, k: policy.sample(params, policy.encode(params, o), k,
                                                      M).actions))
-    out = []
-    for start in range(0, n, batch):
-        sel = np.arange(start, min(start + batch, n))
-        pad = np.concatenate([sel, np.full(batch - len(sel), sel[-1])])
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(pad))
-        ob = jax.tree.map(lambda x, p=pad: jnp.asarray(np.asarray(x)[p]), obs)
-        out.append(np.asarray(fn(ob, keys))[: len(sel)])
-    return np.concatenate(out).astype(np.float32)
+    return map_state_batches(fn, obs, key, batch).astype(np.float32)

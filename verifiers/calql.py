@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from algos.base import fitted_config
-from algos.calql import CalQLConfig, CalQLState, init_calql, prepare, q_values, train_calql
+from algos.calql import CalQLConfig, CalQLState, init_calql, q_values, train_calql
 from core.checkpoint import restore_pytree, save_pytree
 from core.config import to_dict
 from core.io import write_json
@@ -131,14 +131,9 @@ def _init(cfg: CalQLVerifierConfig, ctx: BuildContext, key: jax.Array) -> CalQLV
     """An unfitted critic of the fitted one's shapes, from one observation of the env."""
     learner = _learner_config(cfg, ctx)
     _, obs = ctx.env.reset(key)
-    H, A = ctx.policy.horizon, ctx.env.spec.action_dim
-    tr = {"obs": jax.tree.map(lambda x: x[None], obs),
-          "next_obs": jax.tree.map(lambda x: x[None], obs),
-          "chunk": jnp.zeros((1, H, A)), "reward": jnp.zeros(1), "discount": jnp.ones(1),
-          "done": jnp.zeros(1, bool), "return_to_go": jnp.zeros(1),
-          "episode": jnp.zeros(1, int), "decision_index": jnp.zeros(1, int),
-          "base_chunks": jnp.zeros((1, 1, H, A)), "base_next_chunks": jnp.zeros((1, 1, H, A))}
-    return CalQLVerifier(init_calql(learner, prepare(tr, learner), key))
+    chunk = jnp.zeros((1, ctx.policy.horizon * ctx.env.spec.action_dim))
+    data = {"obs": jax.tree.map(lambda x: x[None], obs), "action": chunk}
+    return CalQLVerifier(init_calql(learner, data, key))
 
 
 def _build(cfg: CalQLVerifierConfig, ctx: BuildContext) -> CalQLVerifier:

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from policies.base import map_state_batches
+
 FEATURE_MODES = ("search", "single", "one_step")
 
 
@@ -123,19 +125,10 @@ def collect_features(
         rows = np.sort(np.asarray(jax.random.permutation(k_sub, n)[: cfg.max_states]))
     fn = make_feature_fn(policy, cfg, horizon, action_dim)
 
-    feats, dists = [], []
-    b = cfg.batch_states
-    for start in range(0, len(rows), b):
-        sel = rows[start:start + b]
-        # Pad the last batch to the full size so every batch shares one compilation.
-        pad = np.concatenate([sel, np.full(b - len(sel), sel[-1])]) if len(sel) < b else sel
-        keys = jax.vmap(lambda i: jax.random.fold_in(k_q, i))(jnp.asarray(pad))
-        ob = jax.tree.map(lambda x, p=pad: jnp.asarray(np.asarray(x)[p]), obs)
-        f, d = fn(params, ob, jnp.asarray(actions[pad]), jnp.asarray(valid[pad]), keys)
-        feats.append(np.asarray(f)[: len(sel)])
-        dists.append(np.asarray(d)[: len(sel)])
-    features = np.concatenate(feats).astype(np.float32)
-    dist = np.concatenate(dists)
+    features, dist = map_state_batches(
+        lambda d, keys: fn(params, d["obs"], d["actions"], d["valid"], keys),
+        {"obs": obs, "actions": actions, "valid": valid}, k_q, cfg.batch_states, rows)
+    features = features.astype(np.float32)
     info = {"mode": cfg.mode, "num_states": int(len(rows)), "num_search": cfg.num_search,
             "flow_noise_bank": takes_noise(policy), "kept_dist_mean": float(dist.mean()),
             "kept_dist_median": float(np.median(dist))}
