@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from algos.registry import ADAPTERS
 from algos.sft import TrainConfig
 from core.config import apply_overrides, from_dict, load_yaml
+from envs.mixture import DEFAULT_MIX
 from experiments.harness import EvalConfig
 from experiments.reproduction import ReproductionConfig
 from experiments.scaling import ScalingConfig
@@ -24,8 +25,9 @@ class DemosConfig:
     """scripted-expert episodes in the training dataset (1000 rather than 200 roughly doubles the
     pick_place policy's M=1 success at the same number of SFT steps: more layouts and colour
     pairings to ground the instruction in)"""
-    mix: str = ""
-    """a named mixture (premise, counter_premise) or optimal=0.6,hesitant=0.2,... ('' = premise)"""
+    mix: str = DEFAULT_MIX
+    """a named mixture (premise, counter_premise) or optimal=0.6,hesitant=0.2,... (named by
+    default, so a run that leaves it out shares its stages with one that names it)"""
     segment: int = 4
     """steps per expert-mode segment (the mode is redrawn every segment; 0 = one per episode)"""
     image: bool = False

@@ -145,8 +145,5 @@ def _build(cfg: CalQLVerifierConfig, ctx: BuildContext) -> CalQLVerifier:
         critic=shell.state.critic.replace(params=params)))
 
 
-# Not in the quickstart: its fit (about 5 minutes on 2 cores, most of it 5000 critic updates)
-# and five more cells would take the quickstart past its 20 minutes; the shipped grids
-# verifier_comparison.yaml and premise_counter_premise.yaml run it.
 register(VerifierPlugin(CalQLVerifier, build=_build, config=CalQLVerifierConfig, fit=_fit,
-                        init=_init, quickstart=False))
+                        init=_init))
