@@ -145,8 +145,5 @@ def _build(cfg: CalQLVerifierConfig, ctx: BuildContext) -> CalQLVerifier:
         critic=shell.state.critic.replace(params=params)))
 
 
-# Not in the quickstart: with it (a 2000-update critic, five more cells) the quickstart took 20.3
-# minutes on 2 cores, past its 20; the shipped grids verifier_comparison.yaml,
-# premise_counter_premise.yaml and calql_sensitivity.yaml run it.
 register(VerifierPlugin(CalQLVerifier, build=_build, config=CalQLVerifierConfig, fit=_fit,
-                        init=_init, quickstart=False))
+                        init=_init))
