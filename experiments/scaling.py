@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from policies.proposals import gaussian_proposals
+from verifiers.preferences import normalised_rmse
+
 PROPOSALS = ("policy", "gaussian")
-GRIP = 2  # index of the binary grip dimension in (dx, dy, grip)
 
 
 @dataclass(frozen=True)
@@ -42,22 +44,6 @@ class ScalingConfig:
             raise ValueError(f"scaling.n_hat must be >= 2, got {self.n_hat}")
 
 
-def gaussian_proposals(samples: jax.Array, key: jax.Array, N: int) -> jax.Array:
-    """N chunks from a Gaussian fitted to policy samples [N̂, H, A]; grip by majority vote."""
-    mean, std = samples.mean(0), samples.std(0) + 1e-6  # [H, A]
-    draws = mean + std * jax.random.normal(key, (N, *samples.shape[1:]))
-    closed = (samples[..., GRIP] > 0).mean(0) >= 0.5  # [H] majority over the N̂ samples
-    grip = jnp.where(closed, 1.0, -1.0)
-    draws = draws.at[..., GRIP].set(jnp.broadcast_to(grip, draws.shape[:-1]))
-    return jnp.clip(draws, -1.0, 1.0)
-
-
-def chunk_error(candidates: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
-    """RMSE of each candidate [N, H, A] to the target chunk [H, A] over its valid steps [H]."""
-    sq = ((candidates - target) ** 2).mean(-1)  # [N, H]
-    return jnp.sqrt((sq * valid).sum(-1) / jnp.maximum(valid.sum(), 1))
-
-
 def best_of_n_errors(policy, pparams, obs, target, valid, key, cfg: ScalingConfig, proposal: str):
     """Best-of-N oracle errors [len(Ns)] for one state."""
     n_max = max(cfg.Ns)
@@ -68,7 +54,7 @@ def best_of_n_errors(policy, pparams, obs, target, valid, key, cfg: ScalingConfi
     else:
         fitted = policy.sample(pparams, context, k_policy, cfg.n_hat).actions
         cands = gaussian_proposals(fitted, k_gauss, n_max)
-    err = chunk_error(cands, target, valid)  # [n_max]
+    err = normalised_rmse(cands, target, 1.0, valid)  # [n_max], RMSE over the valid steps
     running_min = jax.lax.cummin(err)
     return running_min[jnp.asarray(cfg.Ns) - 1]
 
