@@ -3,7 +3,7 @@ the metrics, k-means and its representatives, the grip majority vote, the normal
 preference pairs, a linear judge learning a known score, the scan against a loop, determinism."""
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,9 @@ from algos.bradley_terry import (
     train_steps,
     update,
 )
+from policies.base import Candidates
 from policies.proposals import GRIP, gaussian_proposals, majority_vote
+from verifiers.bradley_terry import BradleyTerryVerifier, JudgeConfig, make_judge
 from verifiers.preferences import (
     dataset_scale,
     kmeans,
@@ -334,3 +336,37 @@ def test_fixed_seed_training_is_deterministic():
     s3, _ = train_bt(linear, fresh(), data, SMALL, jax.random.PRNGKey(99))
     assert train_steps._cache_size() <= compiled + 1  # three fits of one config: one trace
     assert not np.array_equal(s1.train.params["w"], s3.train.params["w"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the judge
+
+
+@dataclass(frozen=True)
+class _PrefixFields:  # the observation fields of a policy config that the judge copies
+    vocab_size: int = 10
+    num_tasks: int = 2
+    instruction_len: int = 4
+    image: bool = False
+    image_size: int = 64
+    patch_size: int = 16
+    state_groups: tuple = ()
+    state_fourier: int = 0
+
+
+def test_judge_scores_from_one_shared_prefix_equal_the_full_pass_per_candidate():
+    """The verifier encodes the observation once and scores all M candidates against that
+    cache; it must equal the uncached pass on the observation tiled M times."""
+    net = make_judge(JudgeConfig(width=16, depth=2, heads=2), _PrefixFields(), 3)
+    k_p, k_c = jax.random.split(jax.random.PRNGKey(0))
+    obs = {"state": jnp.linspace(-1, 1, 5), "instruction": jnp.array([3, 7, 0, 0]),
+           "task_id": jnp.array(1)}
+    chunks = jax.random.normal(k_c, (6, 3, 2))
+    tiled = jax.tree.map(lambda x: jnp.broadcast_to(x, (6, *x.shape)), obs)
+    params = net.init(k_p, tiled, chunks)["params"]
+    v = BradleyTerryVerifier(params, net)
+    cands = Candidates(actions=chunks, features=jnp.zeros((6, 1)))
+    cached = v.score(v.state, obs, cands, k_p)
+    np.testing.assert_allclose(cached, net.apply({"params": params}, tiled, chunks), rtol=1e-5,
+                               atol=1e-6)
+    assert np.unique(np.asarray(cached)).size == 6  # the chunk reaches the readout

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import envs
+from algos.bradley_terry import BTConfig
 from algos.calql import CalQLConfig
 from algos.registry import ADAPTERS
 from envs.dataset import load_demos
@@ -21,6 +22,7 @@ from envs.demos import write_demos
 from policies import ARConfig, FlowConfig, load_policy, make_policy, save_policy
 from policies.registry import POLICIES, example_obs
 from verifiers.base import BuildContext
+from verifiers.bradley_terry import JudgeConfig
 from verifiers.registry import PLUGINS
 
 KEY = jax.random.PRNGKey(0)
@@ -126,7 +128,10 @@ def _context_and_obs(plugin, env, policy, fitted_dir):
 # term (its own actor is covered by tests/test_calql.py).
 TINY_FIT = {"calql": {"base_samples": 2, "learner": CalQLConfig(
     hidden=(16,), actor_hidden=(16,), batch_size=8, steps=4, updates_per_call=2, warmup=0,
-    policy_samples="base", importance_sampling=False)}}
+    policy_samples="base", importance_sampling=False)},
+    "bradley_terry": {"samples": 4, "representatives": 2, "states": 16, "heldout": 0.34,
+                      "judge": JudgeConfig(width=16, depth=1, heads=2),
+                      "learner": BTConfig(steps=4, updates_per_call=2, batch_size=8)}}
 
 
 @pytest.mark.parametrize("name", sorted(PLUGINS))

@@ -1,0 +1,293 @@
+"""RoboMonkey's verifier: a reward model r(obs, chunk) trained with the margin Bradley–Terry loss
+(``algos.bradley_terry``) on synthetic preferences between the base policy's own samples
+(``verifiers.preferences``), used to rank candidate chunks (argmax).
+
+The judge is a small vision-language-action transformer in the shape of RoboMonkey's: the
+observation prefix as the policy encodes it (image patches when the policy sees images, the
+instruction's tokens, the state's entity tokens; ``policies.layers.PrefixEmbed`` at the judge's
+own width), then one token per step of the chunk and a final readout token whose last hidden
+state a linear head maps to the scalar reward. The prefix attends only to itself, so at a
+decision it is encoded once and its keys and values are shared by all M candidates.
+
+Preferences: at up to ``states`` decision states of the demonstrations, N policy samples are
+clustered to K representatives, whose K (K - 1) / 2 pairs are ranked by normalised RMSE to the
+dataset's chunk (RoboMonkey's reference), per-dimension scale = the dataset's action std. The
+pairs are written to ``OUT/preferences.npz`` with a manifest; pairs of a held-out share of the
+episodes measure the judge (``fit_info.json``: accuracy overall and by RMSE-gap quartile, and the
+correlation of score gaps with RMSE gaps).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from algos.base import fitted_config
+from algos.bradley_terry import BTConfig, gap_correlation, pair_scores, train_bt
+from core.checkpoint import restore_pytree, save_pytree
+from core.config import to_dict
+from core.io import write_json
+from policies.base import Candidates, sample_at_states
+from policies.layers import PREFIX_FIELDS, Block, PrefixEmbed, jit_init
+from verifiers.base import BuildContext, VerifierPlugin
+from verifiers.preferences import dataset_scale, synthetic_preferences
+from verifiers.registry import register
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class BradleyTerryConfig:
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    learner: BTConfig = field(default_factory=lambda: BTConfig(steps=3000, batch_size=128))
+    """the margin Bradley–Terry loss and its optimisation (``algos.bradley_terry.BTConfig``)"""
+    samples: int = 16
+    """N policy samples per state"""
+    representatives: int = 4
+    """K k-means representatives per state; K (K - 1) / 2 pairs each"""
+    states: int = 2000
+    """decision states of the demonstrations that get preferences (at most)"""
+    heldout: float = 0.1
+    """share of episodes whose pairs are held out of training to measure the judge"""
+
+    def __post_init__(self):
+        for name in ("samples", "representatives", "states"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"verifier bradley_terry: {name} must be a positive int, got "
+                                 f"{v!r}")
+        if not 2 <= self.representatives <= self.samples:
+            raise ValueError(f"verifier bradley_terry: representatives must be in [2, samples="
+                             f"{self.samples}], got {self.representatives}")
+        if not 0.0 <= self.heldout < 1.0:
+            raise ValueError(f"verifier bradley_terry: heldout must be in [0, 1), got "
+                             f"{self.heldout!r}")
+
+
+class JudgeNet(nn.Module):
+    """(observation prefix, chunk) -> reward; the prefix is cached across candidates."""
+
+    prefix: PrefixEmbed
+    width: int
+    depth: int
+    heads: int
+    horizon: int
+
+    def setup(self):
+        self.blocks = [Block(self.width, self.heads) for _ in range(self.depth)]
+        self.action_in = nn.Dense(self.width)
+        self.action_pos = self.param("action_pos", nn.initializers.normal(0.02),
+                                     (self.horizon + 1, self.width))  # + the readout token
+        self.readout = self.param("readout", nn.initializers.normal(0.02), (self.width,))
+        self.norm = nn.LayerNorm()
+        self.head = nn.Dense(1, bias_init=nn.initializers.zeros)
+
+    def encode(self, obs):
+        """obs [B, ...] -> per block (k, v) [B, N, h, d], and the prefix mask [B, N]."""
+        x, mask = self.prefix(obs)
+        kvs = []
+        for block in self.blocks:
+            x, kv = block(x, mask)
+            kvs.append(kv)
+        return kvs, mask
+
+    def score(self, kvs, mask, chunks):
+        """chunks [B, H, A] against a cache of batch B (or unbatched, shared) -> r [B]."""
+        b = chunks.shape[0]
+        x = jnp.concatenate([self.action_in(chunks),
+                             jnp.broadcast_to(self.readout, (b, 1, self.width))], 1)
+        x = x + self.action_pos
+        own = jnp.ones((b, x.shape[1]), bool)
+        for block, kv in zip(self.blocks, kvs, strict=True):
+            x, _ = block(x, own, extra_kv=(kv,), extra_masks=(mask,))
+        return self.head(self.norm(x[:, -1]))[:, 0]
+
+    def __call__(self, obs, chunks):
+        kvs, mask = self.encode(obs)
+        return self.score(kvs, mask, chunks)
+
+
+@functools.cache
+def make_judge(cfg: JudgeConfig, policy_cfg: Any, horizon: int) -> JudgeNet:
+    """One module object per configuration, so ``apply`` below is the same callable for every
+    fit of it (it is static under jit) and training compiles once."""
+    fields = {f: getattr(policy_cfg, f) for f in PREFIX_FIELDS if f != "width"}
+    return JudgeNet(PrefixEmbed(width=cfg.width, **fields), cfg.width, cfg.depth, cfg.heads,
+                    horizon)
+
+
+@functools.cache
+def judge_apply(net: JudgeNet):
+    """``apply(params, {"obs", "chunk"}) -> r [B]``, the learner's model interface."""
+    return lambda params, x: net.apply({"params": params}, x["obs"], x["chunk"])
+
+
+class BradleyTerryVerifier:
+    """score = r(obs, chunk) for every candidate; higher = better."""
+
+    name = "bradley_terry"
+    requires: tuple[str, ...] = ()
+
+    def __init__(self, state: Any, net: JudgeNet):
+        self.state, self.net = state, net
+
+    def score(self, vstate: Any, obs: dict, candidates: Candidates,
+              key: jax.Array) -> jax.Array:
+        one = jax.tree.map(lambda x: jnp.asarray(x)[None], obs)
+        kvs, mask = self.net.apply({"params": vstate}, one, method=JudgeNet.encode)
+        shared = jax.tree.map(lambda x: x[0], kvs)  # one prefix for all M candidates
+        return self.net.apply({"params": vstate}, shared, mask[0], candidates.actions,
+                              method=JudgeNet.score)
+
+
+def _obs_fields(net: JudgeNet) -> tuple[str, ...]:
+    return ("state", "instruction", "task_id") + (("image",) if net.prefix.image else ())
+
+
+def _init(cfg: BradleyTerryConfig, ctx: BuildContext, key: jax.Array) -> BradleyTerryVerifier:
+    """An unfitted judge of the fitted one's size, from one observation of the env."""
+    net = make_judge(cfg.judge, ctx.policy.cfg, ctx.policy.horizon)
+    _, obs = ctx.env.reset(key)
+    one = {k: jnp.asarray(obs[k])[None] for k in _obs_fields(net)}
+    chunk = jnp.zeros((1, ctx.policy.horizon, ctx.env.spec.action_dim))
+    params = jit_init(net)(key, one, chunk)["params"]
+    return BradleyTerryVerifier(params, net)
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+    """Atomically: a temporary file in the same directory, then renamed."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def make_preferences(cfg: BradleyTerryConfig, policy: Any, params: Any, demos: Any,
+                     key: jax.Array) -> dict:
+    """Synthetic preference pairs at the demonstrations' decision states -> dict of [S·P, ...]:
+    state (row into ``demos.chunks``' obs), episode, win and lose chunks [H, A], e_w, e_l,
+    valid (False for ties)."""
+    H = policy.horizon
+    ch = demos.chunks(H)
+    rows = np.flatnonzero(ch["decision"])
+    k_rows, k_samp, k_km = jax.random.split(key, 3)
+    if len(rows) > cfg.states:
+        rows = np.sort(np.asarray(jax.random.choice(k_rows, rows, (cfg.states,), replace=False)))
+    obs = jax.tree.map(lambda x: np.asarray(x)[rows], ch["obs"])
+    samples = sample_at_states(policy, params, obs, k_samp, cfg.samples)  # [S, N, H, A]
+    ref, valid = ch["actions"][rows], ch["valid"][rows]
+    scale = dataset_scale(jnp.asarray(ch["actions"]), jnp.asarray(ch["valid"]))
+    one_state = lambda s, r, k, v: synthetic_preferences(s, r, scale, k, K=cfg.representatives,
+                                                         valid=v)
+    prefs = jax.jit(jax.vmap(one_state))(jnp.asarray(samples), jnp.asarray(ref),
+                                         jax.random.split(k_km, len(rows)), jnp.asarray(valid))
+    P = prefs["win"].shape[1]
+    take = lambda idx: np.take_along_axis(samples, np.asarray(idx)[..., None, None], 1)
+    return {"state": np.repeat(rows, P).astype(np.int64),
+            "episode": np.repeat(ch["episode"][rows], P),
+            "win": take(prefs["win"]).reshape(-1, H, samples.shape[-1]),
+            "lose": take(prefs["lose"]).reshape(-1, H, samples.shape[-1]),
+            "e_w": np.asarray(prefs["e_w"]).reshape(-1),
+            "e_l": np.asarray(prefs["e_l"]).reshape(-1),
+            "valid": np.asarray(prefs["valid"]).reshape(-1),
+            "scale": np.asarray(scale)}
+
+
+def _pair_inputs(prefs: dict, obs: dict, fields: tuple[str, ...], sel: np.ndarray) -> dict:
+    o = {k: jnp.asarray(np.asarray(obs[k])[prefs["state"][sel]]) for k in fields}
+    return {"win": {"obs": o, "chunk": jnp.asarray(prefs["win"][sel])},
+            "lose": {"obs": o, "chunk": jnp.asarray(prefs["lose"][sel])},
+            "e_w": jnp.asarray(prefs["e_w"][sel]), "e_l": jnp.asarray(prefs["e_l"][sel]),
+            "valid": jnp.asarray(prefs["valid"][sel])}
+
+
+def heldout_metrics(apply, params, pairs: dict, bins: int = 4) -> dict:
+    """Accuracy over the valid held-out pairs, overall and by RMSE-gap quantile bin (RoboMonkey
+    reports accuracy rising with the gap), and the score-gap / RMSE-gap correlation."""
+    r_w, r_l = (np.asarray(r) for r in pair_scores(apply, params, pairs))
+    v = np.asarray(pairs["valid"])
+    gap = np.asarray(pairs["e_l"] - pairs["e_w"])[v]
+    right = (r_w > r_l)[v]
+    edges = np.quantile(gap, np.linspace(0, 1, bins + 1)) if len(gap) else np.zeros(bins + 1)
+    which = np.clip(np.searchsorted(edges, gap, side="right") - 1, 0, bins - 1)
+    return {"pairs": int(v.sum()), "accuracy": float(right.mean()) if len(gap) else float("nan"),
+            "gap_corr": float(gap_correlation(r_w, r_l, pairs["e_w"], pairs["e_l"],
+                                              pairs["valid"])),
+            "by_gap": [{"gap_lo": float(edges[b]), "gap_hi": float(edges[b + 1]),
+                        "pairs": int((which == b).sum()),
+                        "accuracy": float(right[which == b].mean()) if (which == b).any()
+                        else float("nan")} for b in range(bins)]}
+
+
+def _fit(cfg: BradleyTerryConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Array,
+         out: str) -> None:
+    k_pref, k_split, k_init, k_train = jax.random.split(key, 4)
+    prefs = make_preferences(cfg, ctx.policy, params, demos, k_pref)
+    _write_npz(os.path.join(out, "preferences.npz"), prefs)
+    episodes = np.unique(prefs["episode"])
+    n_held = int(round(cfg.heldout * len(episodes)))
+    held = np.asarray(jax.random.permutation(k_split, episodes))[:n_held]
+    is_held = np.isin(prefs["episode"], held)
+    write_json(os.path.join(out, "preferences.json"), {
+        "pairs": int(len(prefs["e_w"])), "ties": int((~prefs["valid"]).sum()),
+        "states": int(len(np.unique(prefs["state"]))), "samples": cfg.samples,
+        "representatives": cfg.representatives, "reference": "dataset chunk",
+        "scale": prefs["scale"].tolist(), "heldout_episodes": int(n_held),
+        "heldout_pairs": int(is_held.sum())})
+
+    shell = _init(cfg, ctx, k_init)
+    apply, fields = judge_apply(shell.net), _obs_fields(shell.net)
+    obs = demos.chunks(ctx.policy.horizon)["obs"]
+    train = _pair_inputs(prefs, obs, fields, np.flatnonzero(~is_held))
+    every = max(1, cfg.learner.steps // (10 * cfg.learner.updates_per_call))
+
+    def log(row):
+        if (row["step"] // cfg.learner.updates_per_call) % every == 0 \
+                or row["step"] == cfg.learner.steps:
+            print(f"bradley_terry {row['step']}/{cfg.learner.steps}: loss {row['loss']:.4f} "
+                  f"accuracy {row['accuracy']:.3f} gap_corr {row['gap_corr']:.3f}", flush=True)
+
+    state, history = train_bt(apply, shell.state, train, cfg.learner, k_train, log)
+    judge = state.train.params
+    info = {"history": history}
+    if is_held.any():
+        info["heldout"] = heldout_metrics(apply, judge, _pair_inputs(
+            prefs, obs, fields, np.flatnonzero(is_held)))
+        h = info["heldout"]
+        print(f"bradley_terry: held-out accuracy {h['accuracy']:.3f} on {h['pairs']} pairs "
+              f"(by RMSE-gap quartile: {[round(b['accuracy'], 3) for b in h['by_gap']]}), "
+              f"gap correlation {h['gap_corr']:.3f}")
+    save_pytree(os.path.join(out, "judge"), judge)
+    write_json(os.path.join(out, "fit_info.json"), info)
+    write_json(os.path.join(out, "config.json"), to_dict(cfg))
+
+
+def _build(cfg: BradleyTerryConfig, ctx: BuildContext) -> BradleyTerryVerifier:
+    fitted = fitted_config(ctx, BradleyTerryConfig, "verifier bradley_terry",
+                           "steerlab fit-verifier bradley_terry")
+    shell = _init(fitted, ctx, jax.random.PRNGKey(0))
+    return BradleyTerryVerifier(
+        restore_pytree(os.path.join(ctx.fitted_dir, "judge"), shell.state), shell.net)
+
+
+# Not in the quickstart until its effect is measured on the built-in suite.
+register(VerifierPlugin(BradleyTerryVerifier, build=_build, config=BradleyTerryConfig,
+                        fit=_fit, init=_init, quickstart=False))
