@@ -36,7 +36,7 @@ from core.checkpoint import restore_pytree, save_pytree
 from core.config import to_dict
 from core.io import write_json
 from policies.base import Candidates, sample_at_states
-from policies.layers import PREFIX_FIELDS, Block, PrefixEmbed, jit_init
+from policies.layers import PREFIX_FIELDS, Block, PrefixEmbed, batch_obs, jit_init
 from verifiers.base import BuildContext, VerifierPlugin
 from verifiers.preferences import dataset_scale, synthetic_preferences
 from verifiers.registry import register
@@ -146,7 +146,7 @@ class BradleyTerryVerifier:
 
     def score(self, vstate: Any, obs: dict, candidates: Candidates,
               key: jax.Array) -> jax.Array:
-        one = jax.tree.map(lambda x: jnp.asarray(x)[None], obs)
+        one = batch_obs(obs, self.net.prefix.image)
         kvs, mask = self.net.apply({"params": vstate}, one, method=JudgeNet.encode)
         shared = jax.tree.map(lambda x: x[0], kvs)  # one prefix for all M candidates
         return self.net.apply({"params": vstate}, shared, mask[0], candidates.actions,
@@ -161,7 +161,7 @@ def _init(cfg: BradleyTerryConfig, ctx: BuildContext, key: jax.Array) -> Bradley
     """An unfitted judge of the fitted one's size, from one observation of the env."""
     net = make_judge(cfg.judge, ctx.policy.cfg, ctx.policy.horizon)
     _, obs = ctx.env.reset(key)
-    one = {k: jnp.asarray(obs[k])[None] for k in _obs_fields(net)}
+    one = batch_obs(obs, net.prefix.image)
     chunk = jnp.zeros((1, ctx.policy.horizon, ctx.env.spec.action_dim))
     params = jit_init(net)(key, one, chunk)["params"]
     return BradleyTerryVerifier(params, net)
@@ -180,13 +180,12 @@ def _write_npz(path: str, arrays: dict) -> None:
         raise
 
 
-def make_preferences(cfg: BradleyTerryConfig, policy: Any, params: Any, demos: Any,
+def make_preferences(cfg: BradleyTerryConfig, policy: Any, params: Any, ch: dict,
                      key: jax.Array) -> dict:
-    """Synthetic preference pairs at the demonstrations' decision states -> dict of [S·P, ...]:
-    state (row into ``demos.chunks``' obs), episode, win and lose chunks [H, A], e_w, e_l,
-    valid (False for ties)."""
+    """Synthetic preference pairs at the decision states of the demonstrations' chunked view
+    ``ch`` (``demos.chunks(policy.horizon)``) -> dict of [S·P, ...]: state (row into ch's obs),
+    episode, win and lose chunks [H, A], e_w, e_l, valid (False for ties)."""
     H = policy.horizon
-    ch = demos.chunks(H)
     rows = np.flatnonzero(ch["decision"])
     k_rows, k_samp, k_km = jax.random.split(key, 3)
     if len(rows) > cfg.states:
@@ -240,7 +239,8 @@ def heldout_metrics(apply, params, pairs: dict, bins: int = 4) -> dict:
 def _fit(cfg: BradleyTerryConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Array,
          out: str) -> None:
     k_pref, k_split, k_init, k_train = jax.random.split(key, 4)
-    prefs = make_preferences(cfg, ctx.policy, params, demos, k_pref)
+    ch = demos.chunks(ctx.policy.horizon)
+    prefs = make_preferences(cfg, ctx.policy, params, ch, k_pref)
     _write_npz(os.path.join(out, "preferences.npz"), prefs)
     episodes = np.unique(prefs["episode"])
     n_held = int(round(cfg.heldout * len(episodes)))
@@ -255,7 +255,7 @@ def _fit(cfg: BradleyTerryConfig, ctx: BuildContext, params: Any, demos: Any, ke
 
     shell = _init(cfg, ctx, k_init)
     apply, fields = judge_apply(shell.net), _obs_fields(shell.net)
-    obs = demos.chunks(ctx.policy.horizon)["obs"]
+    obs = ch["obs"]
     train = _pair_inputs(prefs, obs, fields, np.flatnonzero(~is_held))
     every = max(1, cfg.learner.steps // (10 * cfg.learner.updates_per_call))
 
