@@ -11,6 +11,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 class BadFileError(ValueError):
     """A file exists but cannot be read as what it should be (truncated, corrupt, wrong format).
@@ -31,17 +33,27 @@ def missing(path: str | os.PathLike, what: str, remedy: str | None = None) -> Mi
     return MissingFileError(_with_remedy(f"{path}: no {what} there", remedy))
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+def _write_atomic(path: str | os.PathLike, mode: str, write) -> None:
+    """``write(file)`` into a temporary sibling of ``path``, then renamed onto it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    _write_atomic(path, "w", lambda f: f.write(text))
+
+
+def write_npz(path: str | os.PathLike, arrays: dict) -> None:
+    """A compressed ``.npz`` of named arrays (read back with ``read_npz``)."""
+    _write_atomic(path, "wb", lambda f: np.savez_compressed(f, **arrays))
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

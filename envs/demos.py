@@ -66,15 +66,35 @@ def labelled_rollout(env, key: jax.Array, modes: jax.Array, segment: int, h: int
     return {**traj, "mode_label": label, "decision": decision, "state_progress": progress}
 
 
+def pi_star_rollout(env, key: jax.Array, modes: jax.Array, segment: int, H: int):
+    """``experts.rollout`` plus, at every step, the H-step chunk pi* (mode 0) would take from
+    that state: ``pi_star`` f32 [T, H, A]. The reference a judge can be trained toward."""
+    traj = rollout(env, key, modes, segment)
+    k_reset, k_expert = jax.random.split(key)
+    state, _ = env.reset(k_reset)
+
+    def body(s, action):
+        chunk = expert_chunk(env, s, 0, segment_key(k_expert, s.t, segment), H)
+        return env.step_state(s, action), chunk
+
+    _, pi_star = jax.lax.scan(body, state, traj["action"])
+    return {**traj, "pi_star": pi_star}
+
+
 @functools.cache
-def _rollout_fn(task: str, variant: str, image: bool, segment: int, h: int, max_steps: int):
+def _rollout_fn(task: str, variant: str, image: bool, segment: int, h: int, max_steps: int,
+                pi_star: bool = False):
     env = make(task, variant, image=image, max_steps=max_steps)
-    return jax.jit(jax.vmap(lambda k, m: labelled_rollout(env, k, m, segment, h)))
+    one = pi_star_rollout if pi_star else labelled_rollout
+    return jax.jit(jax.vmap(lambda k, m: one(env, k, m, segment, h)))
 
 
 def _collect(task: str, variant: str, image: bool, keys: np.ndarray, modes: np.ndarray,
-             segment: int, max_steps: int):
-    fn = _rollout_fn(task, variant, image, segment, segment or DEFAULT_SEGMENT, max_steps)
+             segment: int, max_steps: int, pi_star_horizon: int = 0):
+    """Rolls the episodes out in batches -> the trajectories [E, T, ...]; with
+    ``pi_star_horizon`` H > 0 they hold pi*'s H-step chunk at every step instead of labels."""
+    h = pi_star_horizon or segment or DEFAULT_SEGMENT
+    fn = _rollout_fn(task, variant, image, segment, h, max_steps, pi_star_horizon > 0)
     parts = []
     for i in range(0, len(modes), _BATCH):
         k = keys[i : i + _BATCH]
@@ -100,6 +120,53 @@ def _recorded(valid: np.ndarray, action: np.ndarray) -> np.ndarray:
     return valid & (np.arange(T)[None, :] <= last[:, None] + 1)
 
 
+def _draws(task: str, variant: str, mix, seed: int, episodes: int, segment: int,
+           max_steps: int = 0):
+    """Everything random about a dataset, from its seed -> (time limit T: ``max_steps``, else
+    the one a named mixture sets, else the task's; the validated mix; modes i32 [E, S] per
+    segment; episode keys [E, 2])."""
+    T = max_steps or time_limit(task, mix) or make(task, variant).max_steps
+    mix = validate_mix(task, DEFAULT_MIX if mix is None else mix)
+    if not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes: must be a positive int, got {episodes!r}")
+    if not isinstance(segment, int) or segment < 0:
+        raise ValueError(f"segment: must be an int >= 0 (0 = one mode per episode), "
+                         f"got {segment!r}")
+    n_segments = -(-T // segment) if segment else 1
+    rng = np.random.default_rng(seed)
+    names = list(mix)
+    drawn = rng.choice(len(names), size=(episodes, n_segments),
+                       p=np.array([mix[n] for n in names]))
+    modes = np.array([ALL_MODES.index(n) for n in names], np.int32)[drawn]  # [E, S]
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), episodes))
+    return T, mix, modes, keys
+
+
+def pi_star_chunks(demos, H: int) -> np.ndarray:
+    """pi*'s H-step chunk from the state of every step of a dataset written by ``write_demos``
+    -> f32 [N, H, A], row-aligned with ``demos.steps``. The dataset stores no simulator states,
+    so its episodes are rolled out again from the manifest (seed, mix, segment, episodes: a
+    dataset is a function of them); a replay whose states or actions differ from the stored
+    steps is an error, never a silent misalignment."""
+    m = demos.manifest
+    try:
+        task, variant, seed, segment = m["task"], m["variant"], m["seed"], m["segment"]
+        T, _, modes, keys = _draws(task, variant, m["mix"], seed, m["counts"]["episodes"],
+                                   segment, m["max_steps"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"pi* chunks: the dataset's manifest cannot be replayed ({e!r}); "
+                         "write the dataset again with `steerlab demos`") from e
+    traj = _collect(task, variant, False, keys, modes, segment, T, pi_star_horizon=H)
+    valid = _recorded(traj["valid"], traj["action"])
+    same = (np.array_equal(traj["obs"]["state"][valid], demos.steps["state"])
+            and np.array_equal(traj["action"][valid], demos.steps["action"]))
+    if not same:
+        raise ValueError("pi* chunks: replaying the dataset from its manifest does not give its "
+                         "stored steps (written by another version of the suite?); write the "
+                         "dataset again with `steerlab demos`")
+    return np.ascontiguousarray(traj["pi_star"][valid], np.float32)
+
+
 def write_demos(
     task: str,
     episodes: int,
@@ -118,25 +185,11 @@ def write_demos(
     leaves a partial dataset behind.
     """
     check_task_variant(task, variant)
-    T = time_limit(task, mix) or make(task, variant).max_steps
-    mix = validate_mix(task, DEFAULT_MIX if mix is None else mix)
-    if not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"episodes: must be a positive int, got {episodes!r}")
-    if not isinstance(segment, int) or segment < 0:
-        raise ValueError(f"segment: must be an int >= 0 (0 = one mode per episode), "
-                         f"got {segment!r}")
+    T, mix, modes, keys = _draws(task, variant, mix, seed, episodes, segment)
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise ValueError(f"out_dir: {out_dir} exists; give another --out, or delete it to "
                          "write it again (overwrite=True from Python)")
-
-    n_segments = -(-T // segment) if segment else 1
-    rng = np.random.default_rng(seed)
-    names = list(mix)
-    drawn = rng.choice(len(names), size=(episodes, n_segments),
-                       p=np.array([mix[n] for n in names]))
-    modes = np.array([ALL_MODES.index(n) for n in names], np.int32)[drawn]  # [E, S]
-    keys = np.asarray(jax.random.split(jax.random.PRNGKey(seed), episodes))
     traj = _collect(task, variant, image, keys, modes, segment, T)
 
     ep_success = (traj["success"] & traj["valid"]).any(1)

@@ -26,6 +26,7 @@ from envs.rollout import (
     num_decisions,
     unroll,
 )
+from policies.proposals import PROPOSALS, propose
 from verifiers.registry import SELECT_MODES, select
 
 PRIVILEGED = ("env_state", "expert_chunk")
@@ -54,6 +55,11 @@ class EvalConfig:
     Spearman rho between the verifier's scores and the candidates' L2 distance to the pi* chunk"""
     timing_decisions: int = 20
     """decisions timed phase by phase on one environment (0 skips the timing pass)"""
+    proposal: str = "policy"
+    """where the M candidates come from: policy (M policy samples) or gaussian (M draws from
+    a Gaussian fitted to proposal_samples policy samples; ``policies.proposals``)"""
+    proposal_samples: int = 4
+    """N̂, the policy samples the gaussian proposal fits"""
 
     def validate(self, horizon: int | None = None) -> None:
         if self.M < 1:
@@ -75,6 +81,8 @@ class EvalConfig:
             raise ValueError(f"eval.max_steps must be >= 0, got {self.max_steps}")
         if self.timing_decisions < 0:
             raise ValueError(f"eval.timing_decisions must be >= 0, got {self.timing_decisions}")
+        if self.proposal not in PROPOSALS:
+            raise ValueError(f"eval.proposal must be one of {PROPOSALS}, got {self.proposal!r}")
 
 
 @dataclass(frozen=True)
@@ -111,12 +119,19 @@ def verifier_obs(setup: Setup, obs: dict, env_state: Any, k_expert: jax.Array) -
     return out
 
 
+def candidates(setup: Setup, pparams, context, key):
+    """The decision's M candidates from the run's proposal (``policies.proposals``)."""
+    c = setup.cfg
+    return propose(setup.policy, pparams, context, key, c.M, c.proposal, c.proposal_samples,
+                   features="features" in setup.verifier.requires)
+
+
 def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key, astate=None):
     """One decision for one env, sample → score → act: returns (the chunk to execute [H, A],
     the chosen index, scores [M], candidates). ``astate`` is the adapter's state."""
     k_sample, k_score, k_select = decision_keys(key)
     context = setup.policy.encode(pparams, obs)
-    cands = setup.policy.sample(pparams, context, k_sample, setup.cfg.M)
+    cands = candidates(setup, pparams, context, k_sample)
     scores = setup.verifier.score(vstate, verifier_obs(setup, obs, env_state, k_expert), cands,
                                   k_score)
     index = select(scores, k_select, setup.cfg.selection, setup.cfg.temperature)
@@ -189,11 +204,11 @@ def _ms(samples: list[float]) -> dict[str, float]:
 
 
 @functools.lru_cache(maxsize=64)
-def _phase_fns(policy, env, M: int, replan: int):
+def _phase_fns(policy, env, M: int, replan: int, proposal: tuple = ("policy", 4, True)):
     """The verifier-independent jitted phases, shared by every evaluation in this process (a
-    grid times each M once per verifier; these compile once per M)."""
+    grid times each M once per verifier; these compile once per M and proposal)."""
     encode = jax.jit(policy.encode)
-    sample = jax.jit(lambda p, c, k: policy.sample(p, c, k, M))
+    sample = jax.jit(lambda p, c, k: propose(policy, p, c, k, M, *proposal))
     act = jax.jit(lambda s, o, a: execute_chunk(env, s, o, a[:replan]))
     return encode, sample, act, jax.jit(env.reset)
 
@@ -208,7 +223,9 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int, astate=None) -> d
     """
     warmup = 2
     env, policy, verifier, cfg = setup.env, setup.policy, setup.verifier, setup.cfg
-    encode, sample, act, reset = _phase_fns(policy, env, cfg.M, cfg.replan)
+    encode, sample, act, reset = _phase_fns(
+        policy, env, cfg.M, cfg.replan,
+        (cfg.proposal, cfg.proposal_samples, "features" in verifier.requires))
     vobs = jax.jit(lambda o, s, k: verifier_obs(setup, o, s, k))
 
     @jax.jit

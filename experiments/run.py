@@ -24,6 +24,7 @@ from experiments.harness import (
 )
 from experiments.scaling import scaling_study
 from policies import load_policy
+from policies.proposals import check_proposal
 from verifiers.base import BuildContext
 from verifiers.registry import PLUGINS, get_plugin, make_verifier
 
@@ -67,6 +68,7 @@ def build_setup(cfg: RunConfig, env, policy, verifier, adapter=None) -> Setup:
         raise ValueError(f"verifier {verifier.name!r} needs the policy's log-probabilities; the "
                          f"{type(policy).__name__} policy has none (use policy.policy="
                          "autoregressive)")
+    check_proposal(cfg.eval.proposal, policy, verifier.requires, cfg.eval.proposal_samples)
     oracle = (make_verifier("oracle_sim", BuildContext(env=env, replan=cfg.eval.replan))
               if cfg.eval.annotate_oracle else None)
     needs_expert = cfg.eval.classify_modes or "expert_chunk" in verifier.requires

@@ -195,9 +195,14 @@ def sinusoidal(t: jax.Array, dim: int, min_period: float = 4e-3, max_period: flo
     return jnp.concatenate([jnp.sin(x), jnp.cos(x)], axis=-1)
 
 
+def prefix_obs_fields(image: bool) -> tuple[str, ...]:
+    """The observation fields the prefix reads."""
+    return ("state", "instruction", "task_id") + (("image",) if image else ())
+
+
 def check_obs(obs: dict, image: bool) -> None:
     """Clear errors for observation dicts that lack a required field."""
-    need = ["state", "instruction", "task_id"] + (["image"] if image else [])
+    need = list(prefix_obs_fields(image))
     for name in need:
         if name not in obs:
             raise ValueError(f"obs is missing field {name!r}; required fields: {need}")
@@ -206,8 +211,7 @@ def check_obs(obs: dict, image: bool) -> None:
 def batch_obs(obs: dict, image: bool) -> dict:
     """One unbatched observation -> the batch-1 dict the modules take."""
     check_obs(obs, image)
-    keys = ["state", "instruction", "task_id"] + (["image"] if image else [])
-    return {k: jnp.asarray(obs[k])[None] for k in keys}
+    return {k: jnp.asarray(obs[k])[None] for k in prefix_obs_fields(image)}
 
 
 # --- analytic matmul FLOPs (2 * m * n * k per product; norms, softmax, gelu not counted) ---

@@ -3,6 +3,7 @@ the metrics, k-means and its representatives, the grip majority vote, the normal
 preference pairs, a linear judge learning a known score, the scan against a loop, determinism."""
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import jax
@@ -24,11 +25,19 @@ from algos.bradley_terry import (
 )
 from policies.base import Candidates
 from policies.proposals import GRIP, gaussian_proposals, majority_vote
-from verifiers.bradley_terry import BradleyTerryVerifier, JudgeConfig, make_judge
+from verifiers.base import BuildContext
+from verifiers.bradley_terry import (
+    BradleyTerryConfig,
+    BradleyTerryVerifier,
+    JudgeConfig,
+    heldout_metrics,
+    make_judge,
+)
 from verifiers.preferences import (
     dataset_scale,
     kmeans,
     kmeans_representatives,
+    label_predictability,
     normalised_rmse,
     preference_pairs,
     synthetic_preferences,
@@ -106,6 +115,16 @@ def test_accuracy_and_gap_correlation_known_answers():
 def test_config_rejects_bad_values_by_name(field, value):
     with pytest.raises(ValueError, match=f"BTConfig.{field}"):
         BTConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("reference", "expert", r"reference must be one of \('dataset', 'pi_star'\)"),
+    ("predictability_samples", -1, "predictability_samples must be an int >= 0"),
+    ("representatives", 17, r"representatives must be in \[2, samples=16\]"),
+    ("heldout", 1.0, r"heldout must be in \[0, 1\)")])
+def test_verifier_config_rejects_bad_values_by_name(field, value, match):
+    with pytest.raises(ValueError, match=f"verifier bradley_terry: {match}"):
+        BradleyTerryConfig(**{field: value})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +249,29 @@ def test_preference_pairs_on_three_candidates():
     tie = preference_pairs(jnp.array([0.3, -0.3, 0.1])[:, None, None], ref, scale)
     np.testing.assert_array_equal(tie["valid"], [False, True, True])  # |0.3| == |-0.3|
     np.testing.assert_array_equal(tie["win"], [0, 2, 2])  # a tie keeps the lower index first
+
+
+def test_label_predictability_counts_references_closer_to_the_winner():
+    win, lose, scale = jnp.zeros((1, 1)), jnp.ones((1, 1)), jnp.ones(1)
+    refs = jnp.array([0.1, 0.9, 0.5, 0.2])[:, None, None]  # 0.5 is equidistant: half a win
+    assert float(label_predictability(win, lose, refs, scale)) == pytest.approx(2.5 / 4)
+    # the reference's invalid steps are ignored, as in the errors that label the pair
+    win2, lose2 = jnp.array([[0.0], [9.0]]), jnp.array([[1.0], [-9.0]])
+    refs2 = jnp.concatenate([refs, jnp.full((4, 1, 1), -9.0)], 1)
+    assert float(label_predictability(win2, lose2, refs2, scale, jnp.array([True, False]))
+                 ) == pytest.approx(2.5 / 4)
+    assert float(label_predictability(win2, lose2, refs2, scale)) == pytest.approx(0.0)
+
+
+def test_heldout_ceiling_is_mean_max_p_over_valid_pairs():
+    pairs = {"win": {"x": jnp.array([1.0, 1.0, 1.0])}, "lose": {"x": jnp.array([0.0, 2.0, 0.0])},
+             "e_w": jnp.array([0.1, 0.1, 0.1]), "e_l": jnp.array([0.2, 0.5, 0.1]),
+             "valid": jnp.array([True, True, False])}
+    out = heldout_metrics(lambda params, x: x["x"], None, pairs, bins=1,
+                          p_win=np.array([0.9, 0.2, 0.5]))
+    assert out["accuracy"] == pytest.approx(0.5)  # the judge's score is x: right, wrong
+    assert out["ceiling"] == pytest.approx((0.9 + 0.8) / 2)
+    assert out["by_gap"][0]["ceiling"] == pytest.approx(0.85)
 
 
 def test_synthetic_preferences_vmap_over_states_equals_a_loop():
@@ -370,3 +412,39 @@ def test_judge_scores_from_one_shared_prefix_equal_the_full_pass_per_candidate()
     np.testing.assert_allclose(cached, net.apply({"params": params}, tiled, chunks), rtol=1e-5,
                                atol=1e-6)
     assert np.unique(np.asarray(cached)).size == 6  # the chunk reaches the readout
+
+
+def test_pi_star_reference_ranks_pairs_by_closeness_to_the_expert_chunk(tmp_path):
+    """A tiny fit with reference=pi_star: every pair's errors are the normalised RMSE of its
+    chunks to pi*'s chunk from the pair's state (all H steps real), and no label ceiling is
+    estimated (pi*'s chunk is not a random draw)."""
+    import envs
+    from core.io import read_json, read_npz
+    from envs.dataset import load_demos
+    from envs.demos import pi_star_chunks, write_demos
+    from policies import FlowConfig, example_obs, make_policy
+    from verifiers.registry import PLUGINS
+
+    env = envs.make("reach", image=False, max_steps=12)
+    cfg = FlowConfig(width=16, depth=1, heads=2, expert_width=16, expert_heads=2, num_steps=2,
+                     horizon=4).with_spec(env.spec)
+    policy = make_policy("flow", cfg)
+    params = policy.init(jax.random.PRNGKey(0), example_obs(cfg))
+    write_demos("reach", 3, None, 0, str(tmp_path / "demos"))
+    demos = load_demos(str(tmp_path / "demos"))
+    config = BradleyTerryConfig(
+        samples=4, representatives=3, states=8, heldout=0.34, reference="pi_star",
+        judge=JudgeConfig(width=16, depth=1, heads=2),
+        learner=BTConfig(steps=4, updates_per_call=2, batch_size=8))
+    out = str(tmp_path / "fit")
+    PLUGINS["bradley_terry"].fit(config, BuildContext(env=env, policy=policy, replan=2), params,
+                                 demos, jax.random.PRNGKey(1), out)
+    prefs = read_npz(os.path.join(out, "preferences.npz"))
+    assert read_json(os.path.join(out, "preferences.json"))["reference"] == "pi_star"
+    assert "p_win" not in prefs and "ceiling" not in read_json(
+        os.path.join(out, "fit_info.json")).get("heldout", {})
+    ref = jnp.asarray(pi_star_chunks(demos, 4)[prefs["state"]])
+    err = jax.vmap(lambda c, r: normalised_rmse(c, r, jnp.asarray(prefs["scale"])))
+    np.testing.assert_allclose(err(jnp.asarray(prefs["win"]), ref), prefs["e_w"], rtol=1e-5)
+    np.testing.assert_allclose(err(jnp.asarray(prefs["lose"]), ref), prefs["e_l"], rtol=1e-5)
+    assert np.all(prefs["e_w"] <= prefs["e_l"])

@@ -11,7 +11,7 @@ import pytest
 from envs import STATE_DIM, mixture
 from envs import dataset as ds
 from envs.dataset import Dataset, combine, load_demos, summarize
-from envs.demos import write_demos
+from envs.demos import pi_star_chunks, write_demos
 from envs.experts import mode_index
 from envs.mixture import (
     DEFAULT_MIX,
@@ -302,3 +302,26 @@ def test_recording_stops_when_the_expert_stands_still():
     kept = _recorded(valid, action)
     np.testing.assert_array_equal(kept[0], [1, 1, 1, 1, 0, 0])
     np.testing.assert_array_equal(kept[1], [1, 1, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("mix", [{"optimal": 0.5, "hesitant": 0.5}, "counter_premise"])
+def test_pi_star_chunks_replay_the_dataset_and_match_its_optimal_steps(tmp_path, mix):
+    """pi*'s chunk from a recorded state starts with the recorded action wherever pi* took
+    that step, and rarely elsewhere; a dataset that its manifest does not reproduce is refused.
+    A named mixture's own time limit (the counter-premise's is longer) is replayed too."""
+    out = tmp_path / "d"
+    write_demos("pick_place", 8, mix, seed=5, out_dir=str(out))
+    data = load_demos(str(out))
+    chunks = pi_star_chunks(data, 3)
+    assert chunks.shape == (data.num_steps, 3, 3)
+    first_is_taken = np.all(chunks[:, 0] == data.steps["action"], -1)
+    optimal = data.steps["mode"] == 0
+    assert optimal.any() and (~optimal).any()
+    assert first_is_taken[optimal].all()
+    assert first_is_taken[~optimal].mean() < 0.5
+    data.steps["action"] = data.steps["action"] + np.float32(1e-3)
+    with pytest.raises(ValueError, match="does not give its stored steps"):
+        pi_star_chunks(data, 3)
+    data.manifest = {**data.manifest, "seed": "x"}
+    with pytest.raises(ValueError, match="manifest cannot be replayed"):
+        pi_star_chunks(data, 3)

@@ -20,7 +20,8 @@ from experiments.harness import (
     summarize,
 )
 from experiments.host_loop import evaluate_gym
-from policies import FlowConfig, example_obs, make_policy
+from policies import ARConfig, FlowConfig, example_obs, make_policy
+from policies.proposals import GRIP, check_proposal, propose
 from verifiers.base import BuildContext
 from verifiers.registry import make_verifier
 
@@ -118,6 +119,7 @@ def test_score_distance_rho_is_minus_one_for_the_expert_distance_oracle(tiny):
     ("eval.replan=-2", "eval.replan must be >= 1"),
     ("eval.replan=99", "eval.replan must be <= the policy's chunk length"),
     ("eval.selection=top", "eval.selection must be one of"),
+    ("eval.proposal=beam", r"eval.proposal must be one of \('policy', 'gaussian'\)"),
     ("task=stack", "task must be one of"),
 ])
 def test_bad_config_is_a_clear_error(override, match):
@@ -174,3 +176,43 @@ def test_nan_candidates_are_executed_safely_and_counted(tiny):
     expected = (executed * (rec["decisions/index"] == 0)).sum(1)
     np.testing.assert_array_equal(rec["nonfinite_actions"], expected)
     assert 0 < summarize(rec)["nonfinite_actions"] == expected.sum()
+
+
+def test_plain_proposal_is_the_policy_sample_and_gaussian_draws_follow_the_fit(tiny):
+    env, policy, params = tiny
+    _, obs = env.reset(jax.random.PRNGKey(3))
+    ctx, key = policy.encode(params, obs), jax.random.PRNGKey(4)
+    plain = propose(policy, params, ctx, key, 5)
+    np.testing.assert_array_equal(plain.actions, policy.sample(params, ctx, key, 5).actions)
+    g = propose(policy, params, ctx, key, 64, "gaussian", samples=3)
+    k_base, _, k_feat = jax.random.split(key, 3)
+    base = policy.sample(params, ctx, k_base, 3).actions
+    assert g.actions.shape == (64, policy.horizon, policy.action_dim) and g.log_prob is None
+    vote = np.where((np.asarray(base[..., GRIP]) > 0).mean(0) >= 0.5, 1.0, -1.0)
+    np.testing.assert_array_equal(g.actions[..., GRIP], np.broadcast_to(vote, (64, 4)))
+    # the draws spread around the base samples' mean, within the clip
+    assert float(jnp.abs(g.actions[..., :GRIP].mean(0) - base[..., :GRIP].mean(0)).max()) < 0.3
+    np.testing.assert_allclose(g.features,
+                               policy.one_step_features(params, ctx, g.actions, k_feat),
+                               rtol=1e-5, atol=1e-6)
+    off = propose(policy, params, ctx, key, 64, "gaussian", samples=3, features=False)
+    np.testing.assert_array_equal(off.actions, g.actions)
+    assert not np.any(off.features)
+
+
+def test_gaussian_proposal_runs_in_the_harness_and_refuses_what_cannot_work(tiny):
+    env, policy, params = tiny
+    verifier = make_verifier("random")
+    setup = _setup(env, policy, verifier, M=4, episodes=3, proposal="gaussian",
+                   proposal_samples=2)
+    rec = evaluate_compiled(setup, params, None)
+    assert rec["success"].shape == (3,)
+    with pytest.raises(ValueError, match="no log-probability"):
+        check_proposal("gaussian", policy, ("log_prob",), 4)
+    with pytest.raises(ValueError, match="proposal_samples must be an int >= 2"):
+        check_proposal("gaussian", policy, (), 1)
+    ar = make_policy("autoregressive", ARConfig(width=16, depth=1, heads=2, horizon=4)
+                     .with_spec(env.spec))
+    with pytest.raises(ValueError, match="one_step_features"):
+        check_proposal("gaussian", ar, ("features",), 4)
+    check_proposal("gaussian", ar, (), 4)  # a verifier that reads no features is fine

@@ -10,18 +10,19 @@ state a linear head maps to the scalar reward. The prefix attends only to itself
 decision it is encoded once and its keys and values are shared by all M candidates.
 
 Preferences: at up to ``states`` decision states of the demonstrations, N policy samples are
-clustered to K representatives, whose K (K - 1) / 2 pairs are ranked by normalised RMSE to the
-dataset's chunk (RoboMonkey's reference), per-dimension scale = the dataset's action std. The
-pairs are written to ``OUT/preferences.npz`` with a manifest; pairs of a held-out share of the
-episodes measure the judge (``fit_info.json``: accuracy overall and by RMSE-gap quartile, and the
-correlation of score gaps with RMSE gaps).
+clustered to K representatives, whose K (K - 1) / 2 pairs are ranked by normalised RMSE to a
+reference chunk (``reference``: the dataset's chunk, RoboMonkey's, or pi*'s), per-dimension
+scale = the dataset's action std. The pairs are written to ``OUT/preferences.npz`` with a
+manifest; pairs of a held-out share of the episodes measure the judge (``fit_info.json``:
+accuracy overall and by RMSE-gap quartile, the correlation of score gaps with RMSE gaps, and
+for the dataset reference the labels' own ceiling: a dataset chunk is one draw from the data's
+mixture at that state, so even a perfect judge cannot call every pair).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +35,22 @@ from algos.base import fitted_config
 from algos.bradley_terry import BTConfig, gap_correlation, pair_scores, train_bt
 from core.checkpoint import restore_pytree, save_pytree
 from core.config import to_dict
-from core.io import write_json
+from core.io import write_json, write_npz
+from envs.demos import pi_star_chunks
 from policies.base import Candidates, sample_at_states
-from policies.layers import PREFIX_FIELDS, Block, PrefixEmbed, batch_obs, jit_init
+from policies.layers import (
+    PREFIX_FIELDS,
+    Block,
+    PrefixEmbed,
+    batch_obs,
+    jit_init,
+    prefix_obs_fields,
+)
 from verifiers.base import BuildContext, VerifierPlugin
-from verifiers.preferences import dataset_scale, synthetic_preferences
+from verifiers.preferences import dataset_scale, label_predictability, synthetic_preferences
 from verifiers.registry import register
+
+REFERENCES = ("dataset", "pi_star")
 
 
 @dataclass(frozen=True)
@@ -58,10 +69,19 @@ class BradleyTerryConfig:
     """N policy samples per state"""
     representatives: int = 4
     """K k-means representatives per state; K (K - 1) / 2 pairs each"""
-    states: int = 2000
-    """decision states of the demonstrations that get preferences (at most)"""
+    states: int = 20000
+    """decision states of the demonstrations that get preferences (at most; the default
+    pick_place dataset has 12.8k, all used: the judge overfits a few thousand)"""
+    reference: str = "dataset"
+    """what a pair's winner is closer to: the dataset's chunk at the state (RoboMonkey's
+    choice; it rewards whatever mode the data holds there) or pi_star, the successful expert's
+    chunk from that state (``envs.demos.pi_star_chunks``; the built-in suite only)"""
     heldout: float = 0.1
     """share of episodes whose pairs are held out of training to measure the judge"""
+    predictability_samples: int = 32
+    """R more policy samples per state that stand in for the data's chunk distribution there:
+    the share of them closer to the winner says how predictable each label is, and caps the
+    judge's reachable accuracy (``verifiers.preferences.label_predictability``; 0 = skip)"""
 
     def __post_init__(self):
         for name in ("samples", "representatives", "states"):
@@ -75,6 +95,13 @@ class BradleyTerryConfig:
         if not 0.0 <= self.heldout < 1.0:
             raise ValueError(f"verifier bradley_terry: heldout must be in [0, 1), got "
                              f"{self.heldout!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"verifier bradley_terry: reference must be one of {REFERENCES}, "
+                             f"got {self.reference!r}")
+        r = self.predictability_samples
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"verifier bradley_terry: predictability_samples must be an int "
+                             f">= 0, got {r!r}")
 
 
 class JudgeNet(nn.Module):
@@ -153,10 +180,6 @@ class BradleyTerryVerifier:
                               method=JudgeNet.score)
 
 
-def _obs_fields(net: JudgeNet) -> tuple[str, ...]:
-    return ("state", "instruction", "task_id") + (("image",) if net.prefix.image else ())
-
-
 def _init(cfg: BradleyTerryConfig, ctx: BuildContext, key: jax.Array) -> BradleyTerryVerifier:
     """An unfitted judge of the fitted one's size, from one observation of the env."""
     net = make_judge(cfg.judge, ctx.policy.cfg, ctx.policy.horizon)
@@ -167,47 +190,48 @@ def _init(cfg: BradleyTerryConfig, ctx: BuildContext, key: jax.Array) -> Bradley
     return BradleyTerryVerifier(params, net)
 
 
-def _write_npz(path: str, arrays: dict) -> None:
-    """Atomically: a temporary file in the same directory, then renamed."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def make_preferences(cfg: BradleyTerryConfig, policy: Any, params: Any, ch: dict,
-                     key: jax.Array) -> dict:
+                     key: jax.Array, pi_star: np.ndarray | None = None) -> dict:
     """Synthetic preference pairs at the decision states of the demonstrations' chunked view
     ``ch`` (``demos.chunks(policy.horizon)``) -> dict of [S·P, ...]: state (row into ch's obs),
-    episode, win and lose chunks [H, A], e_w, e_l, valid (False for ties)."""
+    episode, win and lose chunks [H, A], e_w, e_l, valid (False for ties), and (dataset
+    reference) p_win. ``pi_star`` [N, H, A], row-aligned with ch: rank against it instead of
+    the dataset's chunk."""
     H = policy.horizon
     rows = np.flatnonzero(ch["decision"])
     k_rows, k_samp, k_km = jax.random.split(key, 3)
     if len(rows) > cfg.states:
         rows = np.sort(np.asarray(jax.random.choice(k_rows, rows, (cfg.states,), replace=False)))
     obs = jax.tree.map(lambda x: np.asarray(x)[rows], ch["obs"])
-    samples = sample_at_states(policy, params, obs, k_samp, cfg.samples)  # [S, N, H, A]
-    ref, valid = ch["actions"][rows], ch["valid"][rows]
+    drawn = sample_at_states(policy, params, obs, k_samp,
+                             cfg.samples + cfg.predictability_samples)  # [S, N + R, H, A]
+    samples, more = drawn[:, :cfg.samples], jnp.asarray(drawn[:, cfg.samples:])
+    if pi_star is None:
+        ref, valid = jnp.asarray(ch["actions"][rows]), jnp.asarray(ch["valid"][rows])
+    else:  # the expert's hypothetical chunk: all H steps are real
+        ref, valid = jnp.asarray(pi_star[rows]), jnp.ones((len(rows), H), bool)
     scale = dataset_scale(jnp.asarray(ch["actions"]), jnp.asarray(ch["valid"]))
     one_state = lambda s, r, k, v: synthetic_preferences(s, r, scale, k, K=cfg.representatives,
                                                          valid=v)
-    prefs = jax.jit(jax.vmap(one_state))(jnp.asarray(samples), jnp.asarray(ref),
-                                         jax.random.split(k_km, len(rows)), jnp.asarray(valid))
+    prefs = jax.jit(jax.vmap(one_state))(jnp.asarray(samples), ref,
+                                         jax.random.split(k_km, len(rows)), valid)
     P = prefs["win"].shape[1]
     take = lambda idx: np.take_along_axis(samples, np.asarray(idx)[..., None, None], 1)
-    return {"state": np.repeat(rows, P).astype(np.int64),
-            "episode": np.repeat(ch["episode"][rows], P),
-            "win": take(prefs["win"]).reshape(-1, H, samples.shape[-1]),
-            "lose": take(prefs["lose"]).reshape(-1, H, samples.shape[-1]),
-            "e_w": np.asarray(prefs["e_w"]).reshape(-1),
-            "e_l": np.asarray(prefs["e_l"]).reshape(-1),
-            "valid": np.asarray(prefs["valid"]).reshape(-1),
-            "scale": np.asarray(scale)}
+    win, lose = take(prefs["win"]), take(prefs["lose"])  # [S, P, H, A]
+    out = {"state": np.repeat(rows, P).astype(np.int64),
+           "episode": np.repeat(ch["episode"][rows], P),
+           "win": win.reshape(-1, H, samples.shape[-1]),
+           "lose": lose.reshape(-1, H, samples.shape[-1]),
+           "e_w": np.asarray(prefs["e_w"]).reshape(-1),
+           "e_l": np.asarray(prefs["e_l"]).reshape(-1),
+           "valid": np.asarray(prefs["valid"]).reshape(-1),
+           "scale": np.asarray(scale)}
+    if cfg.predictability_samples and pi_star is None:  # pi*'s chunk is not a random draw
+        per_pair = jax.vmap(label_predictability, in_axes=(0, 0, None, None, None))
+        p = jax.jit(jax.vmap(per_pair, in_axes=(0, 0, 0, None, 0)))(
+            jnp.asarray(win), jnp.asarray(lose), more, scale, valid)
+        out["p_win"] = np.asarray(p).reshape(-1)
+    return out
 
 
 def _pair_inputs(prefs: dict, obs: dict, fields: tuple[str, ...], sel: np.ndarray) -> dict:
@@ -218,30 +242,40 @@ def _pair_inputs(prefs: dict, obs: dict, fields: tuple[str, ...], sel: np.ndarra
             "valid": jnp.asarray(prefs["valid"][sel])}
 
 
-def heldout_metrics(apply, params, pairs: dict, bins: int = 4) -> dict:
+def heldout_metrics(apply, params, pairs: dict, bins: int = 4,
+                    p_win: np.ndarray | None = None) -> dict:
     """Accuracy over the valid held-out pairs, overall and by RMSE-gap quantile bin (RoboMonkey
-    reports accuracy rising with the gap), and the score-gap / RMSE-gap correlation."""
+    reports accuracy rising with the gap), and the score-gap / RMSE-gap correlation. With each
+    pair's ``p_win`` (``label_predictability``), also the ceiling: the accuracy a judge that
+    knew the reference's distribution would expect, mean max(p, 1 - p), overall and per bin."""
     r_w, r_l = (np.asarray(r) for r in pair_scores(apply, params, pairs))
     v = np.asarray(pairs["valid"])
     gap = np.asarray(pairs["e_l"] - pairs["e_w"])[v]
     right = (r_w > r_l)[v]
+    cap = None if p_win is None else np.maximum(p_win, 1 - p_win)[v]
     edges = np.quantile(gap, np.linspace(0, 1, bins + 1)) if len(gap) else np.zeros(bins + 1)
     which = np.clip(np.searchsorted(edges, gap, side="right") - 1, 0, bins - 1)
-    return {"pairs": int(v.sum()), "accuracy": float(right.mean()) if len(gap) else float("nan"),
-            "gap_corr": float(gap_correlation(r_w, r_l, pairs["e_w"], pairs["e_l"],
-                                              pairs["valid"])),
-            "by_gap": [{"gap_lo": float(edges[b]), "gap_hi": float(edges[b + 1]),
-                        "pairs": int((which == b).sum()),
-                        "accuracy": float(right[which == b].mean()) if (which == b).any()
-                        else float("nan")} for b in range(bins)]}
+    mean = lambda x, m=slice(None): float(x[m].mean()) if x[m].size else float("nan")
+    out = {"pairs": int(v.sum()), "accuracy": mean(right),
+           "gap_corr": float(gap_correlation(r_w, r_l, pairs["e_w"], pairs["e_l"],
+                                             pairs["valid"])),
+           "by_gap": [{"gap_lo": float(edges[b]), "gap_hi": float(edges[b + 1]),
+                       "pairs": int((which == b).sum()), "accuracy": mean(right, which == b)}
+                      for b in range(bins)]}
+    if cap is not None:
+        out["ceiling"] = mean(cap)
+        for b, row in enumerate(out["by_gap"]):
+            row["ceiling"] = mean(cap, which == b)
+    return out
 
 
 def _fit(cfg: BradleyTerryConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Array,
          out: str) -> None:
     k_pref, k_split, k_init, k_train = jax.random.split(key, 4)
     ch = demos.chunks(ctx.policy.horizon)
-    prefs = make_preferences(cfg, ctx.policy, params, ch, k_pref)
-    _write_npz(os.path.join(out, "preferences.npz"), prefs)
+    pi_star = pi_star_chunks(demos, ctx.policy.horizon) if cfg.reference == "pi_star" else None
+    prefs = make_preferences(cfg, ctx.policy, params, ch, k_pref, pi_star)
+    write_npz(os.path.join(out, "preferences.npz"), prefs)
     episodes = np.unique(prefs["episode"])
     n_held = int(round(cfg.heldout * len(episodes)))
     held = np.asarray(jax.random.permutation(k_split, episodes))[:n_held]
@@ -249,12 +283,12 @@ def _fit(cfg: BradleyTerryConfig, ctx: BuildContext, params: Any, demos: Any, ke
     write_json(os.path.join(out, "preferences.json"), {
         "pairs": int(len(prefs["e_w"])), "ties": int((~prefs["valid"]).sum()),
         "states": int(len(np.unique(prefs["state"]))), "samples": cfg.samples,
-        "representatives": cfg.representatives, "reference": "dataset chunk",
+        "representatives": cfg.representatives, "reference": cfg.reference,
         "scale": prefs["scale"].tolist(), "heldout_episodes": int(n_held),
         "heldout_pairs": int(is_held.sum())})
 
     shell = _init(cfg, ctx, k_init)
-    apply, fields = judge_apply(shell.net), _obs_fields(shell.net)
+    apply, fields = judge_apply(shell.net), prefix_obs_fields(shell.net.prefix.image)
     obs = ch["obs"]
     train = _pair_inputs(prefs, obs, fields, np.flatnonzero(~is_held))
     every = max(1, cfg.learner.steps // (10 * cfg.learner.updates_per_call))
@@ -269,12 +303,15 @@ def _fit(cfg: BradleyTerryConfig, ctx: BuildContext, params: Any, demos: Any, ke
     judge = state.train.params
     info = {"history": history}
     if is_held.any():
-        info["heldout"] = heldout_metrics(apply, judge, _pair_inputs(
-            prefs, obs, fields, np.flatnonzero(is_held)))
-        h = info["heldout"]
+        sel = np.flatnonzero(is_held)
+        info["heldout"] = h = heldout_metrics(
+            apply, judge, _pair_inputs(prefs, obs, fields, sel),
+            p_win=prefs["p_win"][sel] if "p_win" in prefs else None)
         print(f"bradley_terry: held-out accuracy {h['accuracy']:.3f} on {h['pairs']} pairs "
               f"(by RMSE-gap quartile: {[round(b['accuracy'], 3) for b in h['by_gap']]}), "
-              f"gap correlation {h['gap_corr']:.3f}")
+              f"gap correlation {h['gap_corr']:.3f}"
+              + (f", label ceiling {h['ceiling']:.3f} (by quartile: "
+                 f"{[round(b['ceiling'], 3) for b in h['by_gap']]})" if "ceiling" in h else ""))
     save_pytree(os.path.join(out, "judge"), judge)
     write_json(os.path.join(out, "fit_info.json"), info)
     write_json(os.path.join(out, "config.json"), to_dict(cfg))

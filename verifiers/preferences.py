@@ -149,3 +149,15 @@ def synthetic_preferences(samples: jax.Array, reference: jax.Array, scale: jax.A
     rep, _ = kmeans_representatives(flat, K, key, iters, init)
     pairs = preference_pairs(samples[rep], reference, scale, valid)
     return {**pairs, "win": rep[pairs["win"]], "lose": rep[pairs["lose"]], "rep": rep}
+
+
+def label_predictability(win: jax.Array, lose: jax.Array, references: jax.Array,
+                         scale: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """How predictable a pair's label is when the reference is a random draw: win, lose [H, A],
+    references [R, H, A] drawn like the reference was (e.g. more policy samples at the state,
+    standing in for the data's conditional) -> the share of them under which ``win`` is the
+    closer one (ties count half). A judge that knew that distribution exactly would be right on
+    max(p, 1 - p) of such labels, so its mean over pairs caps the reachable accuracy."""
+    e_w = normalised_rmse(references, win, scale, valid)  # RMSE is symmetric in its arguments
+    e_l = normalised_rmse(references, lose, scale, valid)
+    return jnp.mean((e_w < e_l) + 0.5 * (e_w == e_l), -1)
