@@ -83,6 +83,11 @@ class EvalConfig:
             raise ValueError(f"eval.timing_decisions must be >= 0, got {self.timing_decisions}")
         if self.proposal not in PROPOSALS:
             raise ValueError(f"eval.proposal must be one of {PROPOSALS}, got {self.proposal!r}")
+        n = self.proposal_samples
+        if self.proposal == "gaussian" and (isinstance(n, bool) or not isinstance(n, int)
+                                            or n < 2):
+            raise ValueError(f"eval.proposal_samples must be an int >= 2 (the Gaussian's spread "
+                             f"comes from them), got {n!r}")
 
 
 @dataclass(frozen=True)
@@ -119,11 +124,16 @@ def verifier_obs(setup: Setup, obs: dict, env_state: Any, k_expert: jax.Array) -
     return out
 
 
+def proposal_args(setup: Setup) -> tuple:
+    """``propose``'s (proposal, samples, features) for this run: features only for a
+    verifier that reads them."""
+    c = setup.cfg
+    return c.proposal, c.proposal_samples, "features" in setup.verifier.requires
+
+
 def candidates(setup: Setup, pparams, context, key):
     """The decision's M candidates from the run's proposal (``policies.proposals``)."""
-    c = setup.cfg
-    return propose(setup.policy, pparams, context, key, c.M, c.proposal, c.proposal_samples,
-                   features="features" in setup.verifier.requires)
+    return propose(setup.policy, pparams, context, key, setup.cfg.M, *proposal_args(setup))
 
 
 def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key, astate=None):
@@ -204,7 +214,7 @@ def _ms(samples: list[float]) -> dict[str, float]:
 
 
 @functools.lru_cache(maxsize=64)
-def _phase_fns(policy, env, M: int, replan: int, proposal: tuple = ("policy", 4, True)):
+def _phase_fns(policy, env, M: int, replan: int, proposal: tuple):
     """The verifier-independent jitted phases, shared by every evaluation in this process (a
     grid times each M once per verifier; these compile once per M and proposal)."""
     encode = jax.jit(policy.encode)
@@ -223,9 +233,7 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int, astate=None) -> d
     """
     warmup = 2
     env, policy, verifier, cfg = setup.env, setup.policy, setup.verifier, setup.cfg
-    encode, sample, act, reset = _phase_fns(
-        policy, env, cfg.M, cfg.replan,
-        (cfg.proposal, cfg.proposal_samples, "features" in verifier.requires))
+    encode, sample, act, reset = _phase_fns(policy, env, cfg.M, cfg.replan, proposal_args(setup))
     vobs = jax.jit(lambda o, s, k: verifier_obs(setup, o, s, k))
 
     @jax.jit

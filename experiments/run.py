@@ -68,7 +68,7 @@ def build_setup(cfg: RunConfig, env, policy, verifier, adapter=None) -> Setup:
         raise ValueError(f"verifier {verifier.name!r} needs the policy's log-probabilities; the "
                          f"{type(policy).__name__} policy has none (use policy.policy="
                          "autoregressive)")
-    check_proposal(cfg.eval.proposal, policy, verifier.requires, cfg.eval.proposal_samples)
+    check_proposal(cfg.eval.proposal, policy, verifier.requires)
     oracle = (make_verifier("oracle_sim", BuildContext(env=env, replan=cfg.eval.replan))
               if cfg.eval.annotate_oracle else None)
     needs_expert = cfg.eval.classify_modes or "expert_chunk" in verifier.requires

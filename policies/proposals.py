@@ -38,15 +38,11 @@ def gaussian_proposals(samples: jax.Array, key: jax.Array, N: int) -> jax.Array:
     return jnp.clip(draws, -1.0, 1.0)
 
 
-def check_proposal(proposal: str, policy, requires: tuple[str, ...], samples: int) -> None:
-    """Raises ValueError, naming the field, for a proposal this policy and verifier cannot use."""
-    if proposal not in PROPOSALS:
-        raise ValueError(f"eval.proposal must be one of {PROPOSALS}, got {proposal!r}")
+def check_proposal(proposal: str, policy, requires: tuple[str, ...]) -> None:
+    """Raises ValueError, naming the field, for a proposal this policy and verifier cannot use
+    (the proposal's own fields are checked with the run config, ``EvalConfig.validate``)."""
     if proposal == "policy":
         return
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-        raise ValueError(f"eval.proposal_samples must be an int >= 2 (the Gaussian's spread "
-                         f"comes from them), got {samples!r}")
     if policy.action_dim <= GRIP:
         raise ValueError(f"eval.proposal 'gaussian' votes on the grip, action dim {GRIP}; the "
                          f"policy's actions have {policy.action_dim} dims")

@@ -208,11 +208,11 @@ def test_gaussian_proposal_runs_in_the_harness_and_refuses_what_cannot_work(tiny
     rec = evaluate_compiled(setup, params, None)
     assert rec["success"].shape == (3,)
     with pytest.raises(ValueError, match="no log-probability"):
-        check_proposal("gaussian", policy, ("log_prob",), 4)
+        check_proposal("gaussian", policy, ("log_prob",))
     with pytest.raises(ValueError, match="proposal_samples must be an int >= 2"):
-        check_proposal("gaussian", policy, (), 1)
+        EvalConfig(proposal="gaussian", proposal_samples=1).validate()
     ar = make_policy("autoregressive", ARConfig(width=16, depth=1, heads=2, horizon=4)
                      .with_spec(env.spec))
     with pytest.raises(ValueError, match="one_step_features"):
-        check_proposal("gaussian", ar, ("features",), 4)
-    check_proposal("gaussian", ar, (), 4)  # a verifier that reads no features is fine
+        check_proposal("gaussian", ar, ("features",))
+    check_proposal("gaussian", ar, ())  # a verifier that reads no features is fine
