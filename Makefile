@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 OUT ?= runs/quickstart
 
 $(STAMP): pyproject.toml constraints.txt
@@ -11,6 +12,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,ray]"
 	touch $(STAMP)
 
+# The tests also cover the optional VLM judge, so they install its extra (torch, CPU build);
+# the quickstart's environment stays torch-free.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,ray,vlm]"
+	touch $(TEST_STAMP)
+
 .PHONY: setup quickstart test test-fast lint bench
 setup: $(STAMP)
 
@@ -18,11 +25,11 @@ quickstart: $(STAMP)
 	$(BIN)/steerlab quickstart --out $(OUT)
 
 # The whole suite, slow tests included (what CI runs).
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/pytest -q -m "slow or not slow"
 
 # The default run: fast tests only.
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -101,9 +101,24 @@ def from_dict(cls: type[T], data: dict, path: str = "") -> T:
             f"unknown field {where}{unknown[0]} in {cls.__name__}; allowed: {sorted(types_)}"
         )
     kwargs = {
-        k: _coerce(v, types_[k], f"{path}.{k}" if path else k) for k, v in data.items()
+        k: _coerce(_over_default(cls, k, v), types_[k], f"{path}.{k}" if path else k)
+        for k, v in data.items()
     }
     return cls(**kwargs)
+
+
+def _over_default(cls: type, name: str, value: Any) -> Any:
+    """A partial mapping for a section whose default comes from a ``default_factory``, laid
+    over that default: the section's other fields keep the values the factory gives them,
+    which may differ from the section class's own defaults."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    return {**{g.name: getattr(default, g.name) for g in dataclasses.fields(default) if g.init},
+            **value}
 
 
 def to_dict(cfg: Any) -> dict:

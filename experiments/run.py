@@ -24,6 +24,7 @@ from experiments.harness import (
 )
 from experiments.scaling import scaling_study
 from policies import load_policy
+from policies.base import reads_images
 from policies.proposals import check_proposal
 from verifiers.base import BuildContext
 from verifiers.registry import PLUGINS, get_plugin, make_verifier
@@ -57,7 +58,7 @@ def make_env_for(cfg: RunConfig, policy):
     """The evaluation env; images are rendered only when the policy reads them. Its time limit
     is ``eval.max_steps``, else the one the run's demonstration mixture sets (the
     counter-premise's is longer than the task's), else the task's."""
-    image = bool(getattr(policy.cfg, "image", True))
+    image = reads_images(policy)
     max_steps = cfg.eval.max_steps or time_limit(cfg.task, cfg.demos.mix or None)
     return get_suite(cfg.suite).make(cfg.task, cfg.variant, image=image, max_steps=max_steps)
 
@@ -198,7 +199,7 @@ def fit_plugin(cfg: RunConfig, kind: str, policy_dir, demos_path, out) -> bool:
     # Fits see the nominal env their data came from; the eval variant stays out of the fit (and
     # of its stage key). A learner that adapts on the test variant is an eval-time adapter.
     env = get_suite(cfg.suite).make(cfg.task, "nominal",
-                                    image=bool(getattr(policy.cfg, "image", True)))
+                                    image=reads_images(policy))
     plugin.fit(plugin_options(section), build_context(cfg, env, policy), params, demos,
                jax.random.PRNGKey(section.seed), str(out))
     return True

@@ -58,6 +58,12 @@ class ConfiguredPolicy:
         return self.cfg.action_dim
 
 
+def reads_images(policy: Any) -> bool:
+    """Whether the policy reads the render (``cfg.image``); a policy that does not say is
+    given images, so that it lacks nothing it might read."""
+    return bool(getattr(policy.cfg, "image", True))
+
+
 def map_state_batches(fn, data: Any, key: jax.Array, batch: int,
                       rows: np.ndarray | None = None) -> Any:
     """``fn(data_batch, keys)`` over the rows of a pytree of [N, ...] arrays (all rows, or

@@ -264,10 +264,9 @@ def test_label_predictability_counts_references_closer_to_the_winner():
 
 
 def test_heldout_ceiling_is_mean_max_p_over_valid_pairs():
-    pairs = {"win": {"x": jnp.array([1.0, 1.0, 1.0])}, "lose": {"x": jnp.array([0.0, 2.0, 0.0])},
-             "e_w": jnp.array([0.1, 0.1, 0.1]), "e_l": jnp.array([0.2, 0.5, 0.1]),
-             "valid": jnp.array([True, True, False])}
-    out = heldout_metrics(lambda params, x: x["x"], None, pairs, bins=1,
+    pairs = {"e_w": np.array([0.1, 0.1, 0.1]), "e_l": np.array([0.2, 0.5, 0.1]),
+             "valid": np.array([True, True, False])}
+    out = heldout_metrics(np.array([1.0, 1.0, 1.0]), np.array([0.0, 2.0, 0.0]), pairs, bins=1,
                           p_win=np.array([0.9, 0.2, 0.5]))
     assert out["accuracy"] == pytest.approx(0.5)  # the judge's score is x: right, wrong
     assert out["ceiling"] == pytest.approx((0.9 + 0.8) / 2)

@@ -28,6 +28,20 @@ def test_round_trip_and_overrides():
     assert isinstance(cfg.lr, float)
 
 
+@dataclass(frozen=True)
+class Tuned:
+    inner: Inner = field(default_factory=lambda: Inner(width=16))  # not Inner's own default
+
+
+def test_a_partial_section_keeps_its_factory_defaults():
+    """A section given in part (a grid's base, the quickstart's) keeps the rest of the value
+    its default_factory gives, as a command-line override of one field does."""
+    cfg = from_dict(Tuned, {"inner": {"sizes": [3]}})
+    assert cfg == Tuned(inner=Inner(width=16, sizes=(3,)))
+    assert cfg == apply_overrides(Tuned, Tuned(), ["inner.sizes=[3]"])
+    assert from_dict(Tuned, {"inner": {"width": 5}}).inner.width == 5
+
+
 def test_unknown_field_names_the_field_and_allowed():
     with pytest.raises(ConfigError, match=r"inner\.depth.*allowed: \['sizes', 'width'\]"):
         apply_overrides(Outer, Outer(), ["inner.depth=3"])

@@ -37,7 +37,7 @@ from core.checkpoint import restore_pytree, save_pytree
 from core.config import to_dict
 from core.io import write_json, write_npz
 from envs.demos import pi_star_chunks
-from policies.base import Candidates, sample_at_states
+from policies.base import Candidates, reads_images, sample_at_states
 from policies.layers import (
     PREFIX_FIELDS,
     Block,
@@ -49,8 +49,10 @@ from policies.layers import (
 from verifiers.base import BuildContext, VerifierPlugin
 from verifiers.preferences import dataset_scale, label_predictability, synthetic_preferences
 from verifiers.registry import register
+from verifiers.vlm_judge import VLMJudgeConfig
 
 REFERENCES = ("dataset", "pi_star")
+BACKENDS = ("native", "transformers")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,10 @@ class BradleyTerryConfig:
     """R more policy samples per state that stand in for the data's chunk distribution there:
     the share of them closer to the winner says how predictable each label is, and caps the
     judge's reachable accuracy (``verifiers.preferences.label_predictability``; 0 = skip)"""
+    backend: str = "native"
+    """native: the judge below, in JAX; transformers: a reward head on a local Hugging Face
+    VLM (``verifiers.vlm_judge``, options under ``vlm``; the ``vlm`` extra)"""
+    vlm: VLMJudgeConfig = field(default_factory=VLMJudgeConfig)
 
     def __post_init__(self):
         for name in ("samples", "representatives", "states"):
@@ -102,6 +108,12 @@ class BradleyTerryConfig:
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"verifier bradley_terry: predictability_samples must be an int "
                              f">= 0, got {r!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"verifier bradley_terry: backend must be one of {BACKENDS}, got "
+                             f"{self.backend!r}")
+        if self.backend == "transformers" and not self.vlm.model_dir:
+            raise ValueError("verifier bradley_terry: backend=transformers needs vlm.model_dir, "
+                             "a local directory with a save_pretrained model and processor")
 
 
 class JudgeNet(nn.Module):
@@ -180,8 +192,15 @@ class BradleyTerryVerifier:
                               method=JudgeNet.score)
 
 
-def _init(cfg: BradleyTerryConfig, ctx: BuildContext, key: jax.Array) -> BradleyTerryVerifier:
-    """An unfitted judge of the fitted one's size, from one observation of the env."""
+def _init(cfg: BradleyTerryConfig, ctx: BuildContext, key: jax.Array):
+    """An unfitted judge of the fitted one's size, from one observation of the env (backend
+    transformers: the model with a fresh head, actions binned over [-1, 1])."""
+    if cfg.backend == "transformers":
+        from verifiers.vlm_judge import VLMJudge, VLMJudgeVerifier
+
+        A = ctx.env.spec.action_dim
+        return VLMJudgeVerifier(VLMJudge(cfg.vlm, cfg.vlm.model_dir, reads_images(ctx.policy),
+                                         -np.ones(A), np.ones(A)))
     net = make_judge(cfg.judge, ctx.policy.cfg, ctx.policy.horizon)
     _, obs = ctx.env.reset(key)
     one = batch_obs(obs, net.prefix.image)
@@ -242,13 +261,14 @@ def _pair_inputs(prefs: dict, obs: dict, fields: tuple[str, ...], sel: np.ndarra
             "valid": jnp.asarray(prefs["valid"][sel])}
 
 
-def heldout_metrics(apply, params, pairs: dict, bins: int = 4,
+def heldout_metrics(r_w: np.ndarray, r_l: np.ndarray, pairs: dict, bins: int = 4,
                     p_win: np.ndarray | None = None) -> dict:
     """Accuracy over the valid held-out pairs, overall and by RMSE-gap quantile bin (RoboMonkey
     reports accuracy rising with the gap), and the score-gap / RMSE-gap correlation. With each
     pair's ``p_win`` (``label_predictability``), also the ceiling: the accuracy a judge that
-    knew the reference's distribution would expect, mean max(p, 1 - p), overall and per bin."""
-    r_w, r_l = (np.asarray(r) for r in pair_scores(apply, params, pairs))
+    knew the reference's distribution would expect, mean max(p, 1 - p), overall and per bin.
+    r_w, r_l [P]: the judge's scores of the pairs' winners and losers; pairs: e_w, e_l, valid."""
+    r_w, r_l = np.asarray(r_w), np.asarray(r_l)
     v = np.asarray(pairs["valid"])
     gap = np.asarray(pairs["e_l"] - pairs["e_w"])[v]
     right = (r_w > r_l)[v]
@@ -257,8 +277,9 @@ def heldout_metrics(apply, params, pairs: dict, bins: int = 4,
     which = np.clip(np.searchsorted(edges, gap, side="right") - 1, 0, bins - 1)
     mean = lambda x, m=slice(None): float(x[m].mean()) if x[m].size else float("nan")
     out = {"pairs": int(v.sum()), "accuracy": mean(right),
-           "gap_corr": float(gap_correlation(r_w, r_l, pairs["e_w"], pairs["e_l"],
-                                             pairs["valid"])),
+           "gap_corr": float(gap_correlation(r_w, r_l, jnp.asarray(pairs["e_w"]),
+                                             jnp.asarray(pairs["e_l"]),
+                                             jnp.asarray(pairs["valid"]))),
            "by_gap": [{"gap_lo": float(edges[b]), "gap_hi": float(edges[b + 1]),
                        "pairs": int((which == b).sum()), "accuracy": mean(right, which == b)}
                       for b in range(bins)]}
@@ -267,6 +288,40 @@ def heldout_metrics(apply, params, pairs: dict, bins: int = 4,
         for b, row in enumerate(out["by_gap"]):
             row["ceiling"] = mean(cap, which == b)
     return out
+
+
+def _train_native(cfg: BradleyTerryConfig, ctx: BuildContext, prefs: dict, ch: dict,
+                  train_sel: np.ndarray, keys: tuple, log):
+    """The JAX judge on the pairs ``train_sel`` -> (history, held-out scorer, saver); keys:
+    (init, training)."""
+    k_init, k_train = keys
+    shell = _init(cfg, ctx, k_init)
+    apply, fields = judge_apply(shell.net), prefix_obs_fields(shell.net.prefix.image)
+    pairs = lambda sel: _pair_inputs(prefs, ch["obs"], fields, sel)
+    state, history = train_bt(apply, shell.state, pairs(train_sel), cfg.learner, k_train, log)
+    judge = state.train.params
+    return (history, lambda sel: pair_scores(apply, judge, pairs(sel)),
+            lambda out: save_pytree(os.path.join(out, "judge"), judge))
+
+
+def _train_vlm(cfg: BradleyTerryConfig, ctx: BuildContext, prefs: dict, ch: dict,
+               train_sel: np.ndarray, keys: tuple, log):
+    """The transformers backend (``verifiers.vlm_judge``); torch draws from ``learner.seed``
+    instead of ``keys``."""
+    from verifiers.vlm_judge import VLMJudge, action_bounds, train_judge
+
+    judge = VLMJudge(cfg.vlm, cfg.vlm.model_dir, reads_images(ctx.policy),
+                     *action_bounds(ch["actions"], ch["valid"]), seed=cfg.learner.seed)
+    fields = ("state", "instruction") + (("image",) if judge.image else ())
+    obs = {f: np.asarray(ch["obs"][f]) for f in fields}
+    pick = lambda sel: {k: prefs[k][sel] for k in ("state", "win", "lose", "e_w", "e_l", "valid")}
+    history = train_judge(judge, pick(train_sel), obs, cfg.learner, log)
+
+    def held_scores(sel):
+        o = {k: v[prefs["state"][sel]] for k, v in obs.items()}
+        return judge.scores(o, prefs["win"][sel]), judge.scores(o, prefs["lose"][sel])
+
+    return history, held_scores, lambda out: judge.save(os.path.join(out, "vlm_judge"))
 
 
 def _fit(cfg: BradleyTerryConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Array,
@@ -287,44 +342,45 @@ def _fit(cfg: BradleyTerryConfig, ctx: BuildContext, params: Any, demos: Any, ke
         "scale": prefs["scale"].tolist(), "heldout_episodes": int(n_held),
         "heldout_pairs": int(is_held.sum())})
 
-    shell = _init(cfg, ctx, k_init)
-    apply, fields = judge_apply(shell.net), prefix_obs_fields(shell.net.prefix.image)
-    obs = ch["obs"]
-    train = _pair_inputs(prefs, obs, fields, np.flatnonzero(~is_held))
+    train_sel, held_sel = np.flatnonzero(~is_held), np.flatnonzero(is_held)
     every = max(1, cfg.learner.steps // (10 * cfg.learner.updates_per_call))
 
     def log(row):
         if (row["step"] // cfg.learner.updates_per_call) % every == 0 \
                 or row["step"] == cfg.learner.steps:
             print(f"bradley_terry {row['step']}/{cfg.learner.steps}: loss {row['loss']:.4f} "
-                  f"accuracy {row['accuracy']:.3f} gap_corr {row['gap_corr']:.3f}", flush=True)
+                  f"accuracy {row['accuracy']:.3f}"
+                  + (f" gap_corr {row['gap_corr']:.3f}" if "gap_corr" in row else ""), flush=True)
 
-    state, history = train_bt(apply, shell.state, train, cfg.learner, k_train, log)
-    judge = state.train.params
+    train = _train_vlm if cfg.backend == "transformers" else _train_native
+    history, held_scores, save = train(cfg, ctx, prefs, ch, train_sel, (k_init, k_train), log)
     info = {"history": history}
-    if is_held.any():
-        sel = np.flatnonzero(is_held)
+    if len(held_sel):
         info["heldout"] = h = heldout_metrics(
-            apply, judge, _pair_inputs(prefs, obs, fields, sel),
-            p_win=prefs["p_win"][sel] if "p_win" in prefs else None)
+            *held_scores(held_sel), {k: prefs[k][held_sel] for k in ("e_w", "e_l", "valid")},
+            p_win=prefs["p_win"][held_sel] if "p_win" in prefs else None)
         print(f"bradley_terry: held-out accuracy {h['accuracy']:.3f} on {h['pairs']} pairs "
               f"(by RMSE-gap quartile: {[round(b['accuracy'], 3) for b in h['by_gap']]}), "
               f"gap correlation {h['gap_corr']:.3f}"
               + (f", label ceiling {h['ceiling']:.3f} (by quartile: "
                  f"{[round(b['ceiling'], 3) for b in h['by_gap']]})" if "ceiling" in h else ""))
-    save_pytree(os.path.join(out, "judge"), judge)
+    save(out)
     write_json(os.path.join(out, "fit_info.json"), info)
     write_json(os.path.join(out, "config.json"), to_dict(cfg))
 
 
-def _build(cfg: BradleyTerryConfig, ctx: BuildContext) -> BradleyTerryVerifier:
+def _build(cfg: BradleyTerryConfig, ctx: BuildContext):
     fitted = fitted_config(ctx, BradleyTerryConfig, "verifier bradley_terry",
                            "steerlab fit-verifier bradley_terry")
+    if fitted.backend == "transformers":
+        from verifiers.vlm_judge import VLMJudgeVerifier, load_judge
+
+        return VLMJudgeVerifier(load_judge(fitted.vlm, os.path.join(ctx.fitted_dir,
+                                                                    "vlm_judge")))
     shell = _init(fitted, ctx, jax.random.PRNGKey(0))
     return BradleyTerryVerifier(
         restore_pytree(os.path.join(ctx.fitted_dir, "judge"), shell.state), shell.net)
 
 
-# Not in the quickstart until its effect is measured on the built-in suite.
 register(VerifierPlugin(BradleyTerryVerifier, build=_build, config=BradleyTerryConfig,
-                        fit=_fit, init=_init, quickstart=False))
+                        fit=_fit, init=_init))
