@@ -14,13 +14,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core.io import atomic_dir
 from envs.dataset import _DTYPES, OBS_KEYS, SCHEMA_VERSION
 from envs.experts import ALL_MODES, MODES, classify_chunk, expert_chunk, rollout, segment_key
 from envs.mixture import (
@@ -243,18 +242,9 @@ def write_demos(
         },
     }
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         np.savez_compressed(os.path.join(tmp, "steps.npz"), **steps)
         np.savez_compressed(os.path.join(tmp, "episodes.npz"), **eps)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

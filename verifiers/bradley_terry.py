@@ -312,8 +312,7 @@ def _train_vlm(cfg: BradleyTerryConfig, ctx: BuildContext, prefs: dict, ch: dict
 
     judge = VLMJudge(cfg.vlm, cfg.vlm.model_dir, reads_images(ctx.policy),
                      *action_bounds(ch["actions"], ch["valid"]), seed=cfg.learner.seed)
-    fields = ("state", "instruction") + (("image",) if judge.image else ())
-    obs = {f: np.asarray(ch["obs"][f]) for f in fields}
+    obs = {f: np.asarray(ch["obs"][f]) for f in judge.fields}
     pick = lambda sel: {k: prefs[k][sel] for k in ("state", "win", "lose", "e_w", "e_l", "valid")}
     history = train_judge(judge, pick(train_sel), obs, cfg.learner, log)
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core.io import write_json
+from algos.clip import action_range
+from core.io import atomic_dir, write_json
 from envs.language import decode_instruction
 
 FINETUNE = ("head", "all")
@@ -77,8 +76,7 @@ class VLMJudgeConfig:
 
 def action_bounds(actions: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension 1st and 99th percentiles of the valid steps of [N, H, A] chunks."""
-    a = np.asarray(actions)[np.asarray(valid, bool)]
-    return np.percentile(a, 1, axis=0), np.percentile(a, 99, axis=0)
+    return action_range(np.asarray(actions)[np.asarray(valid, bool)], 0.01)
 
 
 def discretise(chunk: np.ndarray, low: np.ndarray, high: np.ndarray, bins: int) -> np.ndarray:
@@ -144,6 +142,8 @@ class VLMJudge:
             raise ValueError(f"verifier bradley_terry: the processor in {model_dir!r} has no "
                              "image token; the policy reads images")
         self.image_token = token if image else ""
+        self.fields = ("state", "instruction") + (("image",) if image else ())
+        """the observation fields the prompts read"""
 
     def parameters(self):
         if self.cfg.finetune == "all":
@@ -178,21 +178,13 @@ class VLMJudge:
     def save(self, path: str) -> None:
         """The head, the discretisation and (finetune=all) the model, into ``path`` at once."""
         torch, _ = _require()
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.")
-        try:
+        with atomic_dir(path) as tmp:
             torch.save(self.head.state_dict(), os.path.join(tmp, "head.pt"))
             write_json(os.path.join(tmp, "judge.json"), {
                 "image": self.image, "low": self.low.tolist(), "high": self.high.tolist()})
             if self.cfg.finetune == "all":
                 self.model.save_pretrained(os.path.join(tmp, "model"))
                 self.processor.save_pretrained(os.path.join(tmp, "model"))
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 def load_judge(cfg: VLMJudgeConfig, path: str) -> VLMJudge:
@@ -268,7 +260,7 @@ class VLMJudgeVerifier:
         return self.judge.scores(per, chunks.reshape(n * M, H, A)).reshape(*lead, M)
 
     def score(self, vstate: Any, obs: dict, candidates, key: jax.Array) -> jax.Array:
-        fields = ("state", "instruction") + (("image",) if self.judge.image else ())
+        fields = self.judge.fields
         missing = [f for f in fields if f not in obs]
         if missing:
             raise ValueError(f"verifier bradley_terry (backend=transformers): obs lacks {missing}")
