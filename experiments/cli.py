@@ -66,6 +66,10 @@ def cmd_bench(args) -> None:
         from envs.bench import bench_env
 
         _print_json(bench_env(num_envs=args.num_envs, task=args.task), args.json)
+    elif args.what == "sac":
+        from algos.sac_bench import bench_sac
+
+        _print_json(bench_sac(task=args.task, num_updates=args.updates), args.json)
     else:
         from experiments.run import bench_sampling_cli
 
@@ -170,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_scaling)
 
     s = sub.add_parser("bench", help="benchmarks that print figures and write JSON")
-    s.add_argument("what", choices=["env", "sampling"])
+    s.add_argument("what", choices=["env", "sampling", "sac"])
     s.add_argument("--json", default=None, help="write the figures to this file")
     s.add_argument("--num-envs", type=int, default=1024)
     s.add_argument("--task", default="pick_place")
@@ -179,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. cfn; learned ones unfitted, at their fitted size)")
     s.add_argument("--Ms", default="1,4,8,16,32,64", help="candidate counts to time (sampling)")
     s.add_argument("--repeats", type=int, default=20, help="timed repeats per M (median)")
+    s.add_argument("--updates", type=int, default=10, help="RLPD updates per timed call (sac)")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("report", help="markdown report with plots from run or grid directories")
