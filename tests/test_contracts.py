@@ -17,6 +17,7 @@ import envs
 from algos.bradley_terry import BTConfig
 from algos.calql import CalQLConfig
 from algos.registry import ADAPTERS
+from algos.sac import SACConfig
 from envs.dataset import load_demos
 from envs.demos import write_demos
 from policies import ARConfig, FlowConfig, load_policy, make_policy, save_policy
@@ -131,7 +132,12 @@ TINY_FIT = {"calql": {"base_samples": 2, "learner": CalQLConfig(
     policy_samples="base", importance_sampling=False)},
     "bradley_terry": {"samples": 4, "representatives": 2, "states": 16, "heldout": 0.34,
                       "judge": JudgeConfig(width=16, depth=1, heads=2),
-                      "learner": BTConfig(steps=4, updates_per_call=2, batch_size=8)}}
+                      "learner": BTConfig(steps=4, updates_per_call=2, batch_size=8)},
+    "pld": {"sac": SACConfig(hidden=(16,), actor_hidden=(16,), num_critics=2, batch_size=8,
+                             utd=2),
+            "offline_episodes": 4, "pretrain_steps": 2, "warmup_episodes": 2,
+            "online_episodes": 2, "envs_per_round": 2, "updates_per_episode": 1,
+            "buffer_capacity": 64, "eval_episodes": 2}}
 
 
 @pytest.mark.parametrize("name", sorted(PLUGINS))
@@ -164,11 +170,12 @@ def test_adapter_contract(name, policies, env, demos, tmp_path):
     plugin = ADAPTERS[name]
     policy, params = policies["flow"]
     context = BuildContext(env=env, policy=policy, replan=2)
+    config = dataclasses.replace(plugin.config(), **TINY_FIT.get(name, {}))
     if plugin.fit is not None:  # a tiny fit on three demonstrations
-        plugin.fit(plugin.config(), context, params, demos, KEY, str(tmp_path / "fitted"))
+        plugin.fit(config, context, params, demos, KEY, str(tmp_path / "fitted"))
         context = BuildContext(env=env, policy=policy, replan=2,
                                fitted_dir=str(tmp_path / "fitted"))
-    a = plugin.build(plugin.config(), context)
+    a = plugin.build(config, context)
     assert a.name == name
     _, obs = env.reset(KEY)
     encoded = policy.encode(params, obs)
