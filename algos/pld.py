@@ -22,9 +22,10 @@ The probe stage (``fit``):
    ``updates_per_episode x envs_per_round`` RLPD updates on symmetric batches.
 
 Collection runs as vmapped environments inside one compiled call per round
-(``envs.rollout.unroll``, the harness's decision keys). Success is evaluated with the harness on
-its paired initial states every ``eval_every`` rounds; the curve (success vs environment steps)
-is written to ``curve.json``.
+(``envs.rollout.unroll``, the harness's decision keys). Success (the residual's mean) is
+evaluated by the same collection on the harness's paired initial states, which reproduces the
+harness's M = 1 episodes exactly (``tests/test_pld.py``), every ``eval_every`` rounds; the
+curve (success vs environment steps) is written to ``curve.json``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from algos.base import AdapterPlugin, BuildContext, fitted_config
@@ -211,23 +211,9 @@ def to_transitions(recs: dict, success: jax.Array, discount: float):
 # the probe stage
 
 
-def _evaluator(ctx: BuildContext, actor: ResidualActor, episodes: int):
-    """-> eval(params, actor params, xi) = M = 1 success of base + residual (its mean) on the
-    harness's paired initial states, compiled once for the whole fit."""
-    from experiments.harness import EvalConfig, Setup, run_episode
-    from verifiers.registry import make_verifier
-
-    adapter = ResidualAdapter(actor, ctx.replan, None)
-    setup = Setup(env=ctx.env, policy=ctx.policy, verifier=make_verifier("random"),
-                  cfg=EvalConfig(M=1, episodes=episodes, replan=ctx.replan,
-                                 annotate_oracle=False, classify_modes=False,
-                                 timing_decisions=0),
-                  adapter=adapter)
-    keys = episode_keys(setup.cfg.seed, episodes)
-    run = jax.jit(jax.vmap(lambda p, k, a: run_episode(setup, p, None, k, a)["success"],
-                           in_axes=(None, 0, None)))
-    return lambda params, aparams, xi: float(np.mean(run(params, keys, PLDState(
-        aparams, jnp.float32(xi)))))
+EVAL_SEED = 1000
+"""the harness's default evaluation seed (``EvalConfig.seed``): the curve's episodes are the
+paired initial states of every M = 1 evaluation"""
 
 
 def _fit(cfg: PLDConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Array,
@@ -246,13 +232,17 @@ def _fit(cfg: PLDConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Ar
                           sac_cfg.embed_dim, sac_cfg.use_time)
     gamma = sac_cfg.gamma
     run = partial(collect, env, policy, actor, replan, decisions, gamma, params)
-    evaluate = _evaluator(ctx, actor, cfg.eval_episodes)
+    eval_keys = episode_keys(EVAL_SEED, cfg.eval_episodes)
+
+    def evaluate(aparams, xi):  # the residual's mean; collection reproduces the harness's M=1
+        return float(jnp.mean(run(aparams, xi, 0.0, eval_keys)[2]["success"]))
+
     t0 = time.perf_counter()
     curve: list[dict] = []
     env_steps = 0
 
     def log_eval(phase: str, episodes: int, xi: float) -> None:
-        s = evaluate(params, state.actor.params, xi)
+        s = evaluate(state.actor.params, xi)
         curve.append({"phase": phase, "episodes": episodes, "env_steps": env_steps,
                       "xi": xi, "success": s, "seconds": time.perf_counter() - t0})
         print(f"pld {phase}: {episodes} episodes, {env_steps} env steps, xi {xi:.2f}: "
