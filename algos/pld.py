@@ -54,7 +54,7 @@ from algos.sac import (
 )
 from core.checkpoint import restore_pytree, save_pytree
 from core.config import to_dict
-from core.io import write_json
+from core.io import read_json, write_json
 from envs.rollout import decision_keys, episode_keys, num_decisions, unroll
 from policies.proposals import propose
 
@@ -301,8 +301,6 @@ def _fit(cfg: PLDConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Ar
 
 def _build(cfg: PLDConfig, ctx: BuildContext) -> ResidualAdapter:
     fitted = fitted_config(ctx, PLDConfig, "adapter pld", "steerlab adapt pld")
-    from core.io import read_json
-
     info = read_json(os.path.join(ctx.fitted_dir, "curve.json"))
     if info["replan"] != ctx.replan:
         raise ValueError(f"adapter pld: {ctx.fitted_dir} was fitted at eval.replan="
