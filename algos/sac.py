@@ -74,6 +74,8 @@ class SACConfig:
     actor_lr: float = 3e-4
     temperature_lr: float = 3e-4
     init_temperature: float = 1.0
+    init_log_std: float = 0.0
+    """the residual's log std before training (its head starts constant; its mean starts at 0)"""
     target_entropy: float | None = None
     """None: -D / 2, RLPD's default (D the residual's dimension)"""
     backup_entropy: bool = True
@@ -217,6 +219,7 @@ class ResidualActor(nn.Module):
     vocab_size: int
     embed_dim: int
     use_time: bool
+    init_log_std: float = 0.0
 
     @nn.compact
     def __call__(self, obs: dict, base: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -224,9 +227,18 @@ class ResidualActor(nn.Module):
         x = jnp.concatenate([x, base], -1)
         for w in self.hidden:
             x = nn.relu(nn.Dense(w)(x))
-        mean = nn.Dense(self.action_dim)(x)
-        log_std = jnp.clip(nn.Dense(self.action_dim)(x), *LOG_STD_RANGE)
+        # the mean starts at zero, so the first residual episodes execute the base itself
+        # (a random residual would start below the base and the critic would have to undo it)
+        mean = nn.Dense(self.action_dim, kernel_init=nn.initializers.zeros)(x)
+        log_std = nn.Dense(self.action_dim, kernel_init=nn.initializers.zeros,
+                           bias_init=nn.initializers.constant(self.init_log_std))(x)
+        log_std = jnp.clip(log_std, *LOG_STD_RANGE)
         return mean, log_std
+
+
+def residual_actor(cfg: SACConfig, action_dim: int) -> ResidualActor:
+    return ResidualActor(cfg.actor_hidden, action_dim, cfg.vocab_size, cfg.embed_dim,
+                         cfg.use_time, cfg.init_log_std)
 
 
 def compose(base: jax.Array, delta: jax.Array, xi) -> jax.Array:
@@ -272,8 +284,7 @@ def init_sac(cfg: SACConfig, obs: dict, action_dim: int, key: jax.Array) -> SACS
     ensemble = nn.vmap(Critic, variable_axes={"params": 0}, split_rngs={"params": True},
                        in_axes=None, out_axes=0, axis_size=cfg.num_critics)
     critic = ensemble(cfg.hidden, cfg.layer_norm, cfg.vocab_size, cfg.embed_dim, cfg.use_time)
-    actor = ResidualActor(cfg.actor_hidden, action_dim, cfg.vocab_size, cfg.embed_dim,
-                          cfg.use_time)
+    actor = residual_actor(cfg, action_dim)
     one = jax.tree.map(lambda x: jnp.asarray(x)[None], obs)
     a = jnp.zeros((1, action_dim), jnp.float32)
     k_c, k_a = jax.random.split(key)

@@ -156,10 +156,13 @@ def resolve_config(cfg: TrainConfig, spec) -> TrainConfig:
                                autoregressive=cfg.autoregressive.with_spec(spec))
 
 
-def init_state(policy, cfg: TrainConfig, tx) -> TrainState:
+def init_state(policy, cfg: TrainConfig, tx, init_params=None) -> TrainState:
+    """A fresh training state; ``init_params`` (fine-tuning) replace the random init."""
     key = jax.random.PRNGKey(cfg.seed)
     k_init, k_data = jax.random.split(key)
-    params = policy.init(k_init, example_obs(policy.cfg))
+    # a copy: training donates its state's buffers, and the caller keeps using init_params
+    params = policy.init(k_init, example_obs(policy.cfg)) if init_params is None else \
+        jax.tree.map(lambda x: jnp.array(x, copy=True), init_params)
     ema = jax.tree.map(jnp.copy, params) if cfg.ema_decay > 0 else {}  # no shared buffers
     return TrainState(params, tx.init(params), ema, jnp.zeros((), jnp.int32), k_data)
 
@@ -253,11 +256,14 @@ def _boundaries(cfg: TrainConfig, step: int) -> int:
 
 
 def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, env=None,
-                 stop_after: int | None = None, progress: bool = True) -> str:
+                 stop_after: int | None = None, progress: bool = True,
+                 init_params=None) -> str:
     """Trains (or resumes) the policy of ``cfg`` in ``run_dir``; returns ``run_dir``.
 
     ``data`` (chunk arrays as ``load_data`` returns) and ``env`` (for evaluation; None with
     ``eval_episodes`` still set builds ``envs.make(tasks[0], variant)``) may be given directly.
+    ``init_params`` (a trained policy's, same config) start the run instead of a random init:
+    fine-tuning, as distillation does.
     ``stop_after`` stops once that step is reached (as an interruption would).
     """
     cfg.validate()
@@ -276,7 +282,7 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
     data, heldout = split_heldout(dict(data))
     policy = make_policy(cfg.policy, cfg.policy_config)
     tx = make_optimizer(cfg)
-    state = init_state(policy, cfg, tx)
+    state = init_state(policy, cfg, tx, init_params)
     check_data_fits(policy, state.params, data, where)
     data = jax.tree.map(jnp.asarray, data)
     num_samples = int(data["actions"].shape[0])

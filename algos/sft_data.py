@@ -21,14 +21,21 @@ def dataset_paths(cfg) -> tuple[str, ...]:
 
 
 def load_data(cfg) -> dict:
-    """Concatenated chunk arrays of all tasks' datasets: obs, actions [N, H, A], valid [N, H],
-    and heldout bool [N] (the chunk's episode is held out, see ``heldout_episodes``)."""
+    """Concatenated chunk arrays of all tasks' datasets (``chunk_data``)."""
     from envs.dataset import load_demos
 
+    paths = dataset_paths(cfg)
+    return chunk_data(cfg, [load_demos(p) for p in paths], paths)
+
+
+def chunk_data(cfg, datasets: list, names: list[str] | tuple[str, ...]) -> dict:
+    """Loaded datasets (``envs.dataset.Dataset``, named for errors) -> their concatenated chunk
+    arrays: obs, actions [N, H, A], valid [N, H], and heldout bool [N] (the chunk's episode is
+    held out, see ``heldout_episodes``)."""
     h = cfg.policy_config.horizon
-    parts = [load_demos(p).chunks(h) for p in dataset_paths(cfg)]
+    parts = [d.chunks(h) for d in datasets]
     keys = ["state", "instruction", "task_id"] + (["image"] if cfg.policy_config.image else [])
-    for p, part in zip(dataset_paths(cfg), parts, strict=True):
+    for p, part in zip(names, parts, strict=True):
         absent = [k for k in keys if k not in part["obs"]]
         if absent:
             raise ValueError(f"dataset {p}: has no {absent} for the policy (image=true needs a "

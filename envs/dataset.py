@@ -18,6 +18,7 @@ variable length and ``episode_slices`` locate them. ``mode`` indexes ``envs.expe
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -127,6 +128,25 @@ class Dataset:
     def transitions(self, H: int, replan: int, gamma: float) -> dict:
         """Per-decision transitions for chunk-level Q-learning (see ``envs.transitions``)."""
         return _transitions(self, H, replan, gamma)
+
+
+def save_dataset(out_dir: str, steps: dict, episodes: dict, manifest: dict) -> dict:
+    """Writes a dataset in this layout into ``out_dir`` through a temporary sibling renamed into
+    place (an error leaves nothing behind) -> the manifest, with ``schema_version`` and the
+    arrays' shapes added. Steps and episodes are cast to the layout's dtypes."""
+    from core.io import atomic_dir
+
+    steps = {k: np.ascontiguousarray(v, dtype=_DTYPES.get(k)) for k, v in steps.items()}
+    episodes = {k: np.ascontiguousarray(v, dtype=_DTYPES.get(k)) for k, v in episodes.items()}
+    manifest = {"schema_version": SCHEMA_VERSION, **manifest,
+                "arrays": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)}
+                           for k, v in steps.items()}}
+    with atomic_dir(out_dir) as tmp:
+        np.savez_compressed(os.path.join(tmp, "steps.npz"), **steps)
+        np.savez_compressed(os.path.join(tmp, "episodes.npz"), **episodes)
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+    return manifest
 
 
 def regenerate_command(path: str, manifest: dict | None = None) -> str:

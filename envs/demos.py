@@ -12,15 +12,13 @@ harness gives a policy's executed chunks, so the two can be compared bin by bin.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core.io import atomic_dir
-from envs.dataset import _DTYPES, OBS_KEYS, SCHEMA_VERSION
+from envs.dataset import OBS_KEYS, save_dataset
 from envs.experts import ALL_MODES, MODES, classify_chunk, expert_chunk, rollout, segment_key
 from envs.mixture import (
     DEFAULT_MIX,
@@ -201,7 +199,6 @@ def write_demos(
         steps[k] = flat(traj[k])
     steps["episode"] = flat(np.broadcast_to(np.arange(episodes)[:, None], valid.shape))
     steps["t"] = flat(np.broadcast_to(np.arange(T)[None, :], valid.shape))
-    steps = {k: np.ascontiguousarray(v, dtype=_DTYPES[k]) for k, v in steps.items()}
     wrong = (traj["wrong_block"] & traj["valid"]).any(1)
     eps = {"mode": modes[:, 0] if not segment else np.full(episodes, -1, np.int32),
            "length": lengths, "success": ep_success.astype(bool), "wrong_block": wrong}
@@ -212,7 +209,6 @@ def write_demos(
     true_shares, counts = mode_shares_by_bin(bins, np.eye(len(task_modes))[steps["mode"][at]])
     label_shares, _ = mode_shares_by_bin(bins, steps["mode_label"][at])
     manifest = {
-        "schema_version": SCHEMA_VERSION,
         "task": task,
         "variant": variant,
         "mix": mix,
@@ -237,14 +233,6 @@ def write_demos(
         },
         "label_accuracy": label_accuracy(steps["mode"][at], steps["mode_label"][at], task_modes),
         "premise": premise_check(true_shares, counts),
-        "arrays": {
-            k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in steps.items()
-        },
     }
 
-    with atomic_dir(out_dir) as tmp:
-        np.savez_compressed(os.path.join(tmp, "steps.npz"), **steps)
-        np.savez_compressed(os.path.join(tmp, "episodes.npz"), **eps)
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=2)
-    return manifest
+    return save_dataset(out_dir, steps, eps, manifest)

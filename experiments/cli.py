@@ -38,9 +38,22 @@ def cmd_fit_verifier(args) -> None:
 
 
 def cmd_adapt(args) -> None:
+    import os
+
     from experiments.run import fit_cli
 
     fit_cli("adapter", args.name, args.policy, args.demos, args.out, args.overrides)
+    curve = os.path.join(args.out, "curve.json")
+    if os.path.isfile(curve):  # an adapter's learning curve: success vs environment steps
+        from analysis.plots import plot_learning_curves
+        from core.io import read_json
+
+        points = read_json(curve)["curve"]
+        path = plot_learning_curves(
+            [{"curves": {"env_steps": [p["env_steps"] for p in points],
+                         "success": [p["success"] for p in points], "method": args.name}}],
+            os.path.join(args.out, "curve.png"))
+        print(f"wrote {path}")
 
 
 def cmd_check_policy(args) -> None:

@@ -137,7 +137,7 @@ TINY_FIT = {"calql": {"base_samples": 2, "learner": CalQLConfig(
                              utd=2),
             "offline_episodes": 4, "pretrain_steps": 2, "warmup_episodes": 2,
             "online_episodes": 2, "envs_per_round": 2, "updates_per_episode": 1,
-            "buffer_capacity": 64, "eval_episodes": 2}}
+            "buffer_capacity": 64, "eval_episodes": 2, "learn_episodes": 0}}
 
 
 @pytest.mark.parametrize("name", sorted(PLUGINS))
