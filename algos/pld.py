@@ -1,31 +1,36 @@
-"""PLD's residual specialist (Xiao et al., ICLR 2026; METHODS.md 5): a small Gaussian actor on
-top of the frozen base policy, trained with SAC + the RLPD ingredients (``algos.sac``).
+"""PLD: Probe, Learn, Distill (Xiao et al., ICLR 2026; METHODS.md 5) on a frozen base policy,
+with SAC + the RLPD ingredients (``algos.sac``).
 
 At each harness decision the base samples a chunk (M = 1, the harness's keys); the residual reads
 the state and the chunk's executed part b = chunk[:replan] (flattened, replan x A) and outputs
 a_delta in (-1, 1)^(replan x A); the executed part becomes clip(b + xi a_delta). The residual
 acts **per decision, on the executed steps**: a decision is the harness's unit of control and of
 the transition (s, b, a, r, s'), the chunk's unexecuted tail is never observed, and the Cal-QL
-critic of the verifier suite is defined on the same unit. Evaluation uses the residual's mean.
+critic of the verifier suite is defined on the same unit. Its mean starts at zero (the first
+residual episodes are the base's). Evaluation uses the residual's mean.
 
-The probe stage (``fit``):
+The stages of ``fit`` (each one's output marks it finished; a rerun resumes after it):
 
-1. **offline data**: ``offline_episodes`` base rollouts; the successful ones fill the offline
-   buffer (sparse reward 1 at the decision that succeeds, discount gamma^replan per decision,
-   the Monte-Carlo return kept for Cal-QL's floor);
-2. **critic pre-training**: ``pretrain_steps`` minibatch steps of the critic alone with Cal-QL's
-   conservative term (weight ``calql_alpha``; 0 skips the stage: a cold start), bootstrapping
-   through the base (xi = 0); the actor starts from its random initialisation;
-3. **warm-up**: ``warmup_episodes`` base-only episodes into the online buffer, with updates;
-4. **online RL**: rounds of ``envs_per_round`` vmapped episodes with sampled residuals at the
-   scheduled xi (linear from 0 over ``xi_ramp_episodes``, then ``xi``), each followed by
-   ``updates_per_episode x envs_per_round`` RLPD updates on symmetric batches.
+1. **Probe** (the residual specialist; ``actor/``, ``curve.json``):
+   ``offline_episodes`` base rollouts, the successful ones filling the offline buffer (sparse
+   reward 1 at the decision that succeeds, discount gamma^replan per decision, the Monte-Carlo
+   return kept for Cal-QL's floor); ``pretrain_steps`` Cal-QL steps of the critic alone
+   (weight ``calql_alpha``; 0 skips them: a cold start), bootstrapping through the base;
+   ``warmup_episodes`` base-only episodes; then rounds of ``envs_per_round`` vmapped episodes
+   with sampled residuals at the scheduled xi, each followed by
+   ``updates_per_episode x envs_per_round`` RLPD updates on symmetric batches. Success (the
+   residual's mean) is evaluated by the same collection on the harness's paired initial states,
+   which reproduces the harness's M = 1 episodes exactly (``tests/test_pld.py``).
+2. **Learn** (``learn/``, a dataset): ``learn_episodes`` hybrid episodes in which the base acts
+   alone for T_base ~ Uniform{0..floor(probe_alpha T)} steps, then the specialist; the
+   successful ones are written in ``envs.dataset``'s layout with the base's steps marked
+   ``probe``.
+3. **Distill** (``distill/``, a policy run; ``distill.json``): SFT of the base from its own
+   weights on the Learn data, then the distilled base's M = 1 success against the base's on the
+   same paired initial states (Wilson intervals, McNemar).
 
-Collection runs as vmapped environments inside one compiled call per round
-(``envs.rollout.unroll``, the harness's decision keys). Success (the residual's mean) is
-evaluated by the same collection on the harness's paired initial states, which reproduces the
-harness's M = 1 episodes exactly (``tests/test_pld.py``), every ``eval_every`` rounds; the
-curve (success vs environment steps) is written to ``curve.json``.
+Collection runs as vmapped environments inside one compiled call (``envs.rollout.unroll``, the
+harness's decision keys).
 """
 
 from __future__ import annotations
@@ -352,12 +357,16 @@ def _probe(cfg: PLDConfig, su: _Setup, params: Any, key: jax.Array, out: str) ->
     env_steps = 0
 
     def log_eval(phase: str, episodes: int, xi: float) -> None:
-        s = float(su.success(params, state.actor.params, xi, eval_keys).mean())
+        tr, valid, stats = run(state.actor.params, xi, 0.0, eval_keys)
+        s = float(stats["success"].mean())
+        # how far the residual's mean moves the executed actions (its authority is xi)
+        shift = float(jnp.abs(tr["action"] - tr["base"]).mean(-1)[valid].mean())
         curve.append({"phase": phase, "episodes": episodes, "env_steps": env_steps,
-                      "xi": xi, "success": s, "seconds": time.perf_counter() - t0})
+                      "xi": xi, "success": s, "action_shift": shift,
+                      "seconds": time.perf_counter() - t0})
         print(f"pld {phase}: {episodes} episodes, {env_steps} env steps, xi {xi:.2f}: "
-              f"success {s:.3f} ({cfg.eval_episodes} episodes; {time.perf_counter() - t0:.0f}s)",
-              flush=True)
+              f"success {s:.3f}, mean |executed - base| {shift:.3f} ({cfg.eval_episodes} "
+              f"episodes; {time.perf_counter() - t0:.0f}s)", flush=True)
 
     # 1. successful base rollouts -> the offline buffer (keys disjoint from the eval's)
     tr, valid, stats = run(state.actor.params, 0.0, 0.0,
@@ -464,8 +473,10 @@ def _distill(cfg: PLDConfig, su: _Setup, params: Any, demos: Any, learn_path: st
     from policies.registry import load_policy, policy_name
 
     name = policy_name(su.policy)
+    # the Learn data is the run's dataset of record (what fit-verifier uses by default)
     tcfg = TrainConfig(policy=name, **{name: su.policy.cfg}, tasks=(su.env.task,),
-                       steps=cfg.distill_steps, lr=cfg.distill_lr, eval_episodes=0,
+                       datasets=(os.path.abspath(learn_path),), steps=cfg.distill_steps,
+                       lr=cfg.distill_lr, eval_episodes=0,
                        seed=int(jax.random.randint(key, (), 0, 2**30)))
     sets, names = [load_demos(learn_path)], [learn_path]
     if cfg.distill_with_demos:

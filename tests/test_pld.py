@@ -184,6 +184,8 @@ def test_a_tiny_fit_is_built_and_evaluated_by_the_harness(tiny, tmp_path):
     curve = json.load(open(tmp_path / "curve.json"))["curve"]
     assert [c["episodes"] for c in curve] == [0, 4, 8]
     assert all(0.0 <= c["success"] <= 1.0 for c in curve)
+    assert curve[0]["action_shift"] == 0.0  # the fresh residual executes the base
+    assert curve[-1]["action_shift"] > 0.0
     assert curve[-1]["env_steps"] > curve[0]["env_steps"]
     adapter = plugin.build(cfg, replace(ctx, fitted_dir=str(tmp_path)))
     assert os.path.isdir(tmp_path / "actor")
@@ -306,8 +308,10 @@ def test_distillation_starts_from_the_base(tiny, recorded, tmp_path):
                    jax.random.PRNGKey(0))
     assert out["eval_seed"] == EVAL_SEED and out["mcnemar"]["n"] == 6
     assert out["mcnemar"]["n10"] == out["mcnemar"]["n01"] == 0
+    from algos.sft import load_config
     from policies.registry import load_policy
 
     _, distilled = load_policy(out["run_dir"])
+    assert load_config(out["run_dir"]).datasets == (os.path.abspath(recorded[0]),)
     for a, b in zip(jax.tree.leaves(distilled), jax.tree.leaves(pparams), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
