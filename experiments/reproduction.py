@@ -91,6 +91,10 @@ def check_reproduction(policy_dir: str | os.PathLike, dataset_dir: str | os.Path
     from verifiers.registry import make_verifier
 
     manifest = read_json(Path(dataset_dir) / "manifest.json")
+    if "mode_shares" not in manifest:
+        raise ValueError(f"check-policy: dataset {dataset_dir} has no expert mode shares (it was "
+                         f"not written by `steerlab demos`: {manifest.get('source', 'unknown')}); "
+                         "give --demos with the demonstrations to check against")
     task = manifest["task"]
     policy, params = load_policy(str(policy_dir))
     # Decisions every `segment` steps, as the data's decision chunks were labelled.

@@ -313,5 +313,9 @@ def test_distillation_starts_from_the_base(tiny, recorded, tmp_path):
 
     _, distilled = load_policy(out["run_dir"])
     assert load_config(out["run_dir"]).datasets == (os.path.abspath(recorded[0]),)
+    from experiments.reproduction import check_reproduction
+
+    with pytest.raises(ValueError, match="no expert mode shares"):
+        check_reproduction(out["run_dir"], recorded[0])
     for a, b in zip(jax.tree.leaves(distilled), jax.tree.leaves(pparams), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
