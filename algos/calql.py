@@ -197,9 +197,12 @@ class ObsEncoder(nn.Module):
         return jnp.concatenate(parts, -1)
 
 
-def _mlp(x, widths):
+def mlp(x, widths, layer_norm: bool = False):
+    """ReLU layers of ``widths`` (inside a compact module), LayerNorm before each activation
+    when ``layer_norm``."""
     for w in widths:
-        x = nn.relu(nn.Dense(w)(x))
+        x = nn.Dense(w)(x)
+        x = nn.relu(nn.LayerNorm()(x) if layer_norm else x)
     return x
 
 
@@ -212,7 +215,7 @@ class Critic(nn.Module):
     @nn.compact
     def __call__(self, obs: dict, action: jax.Array) -> jax.Array:  # [..., D] -> [...]
         x = ObsEncoder(self.vocab_size, self.embed_dim, self.use_time)(obs)
-        x = _mlp(jnp.concatenate([x, action], -1), self.hidden)
+        x = mlp(jnp.concatenate([x, action], -1), self.hidden)
         return nn.Dense(1)(x)[..., 0]
 
 
@@ -225,7 +228,7 @@ class Actor(nn.Module):
 
     @nn.compact
     def __call__(self, obs: dict) -> tuple[jax.Array, jax.Array]:
-        x = _mlp(ObsEncoder(self.vocab_size, self.embed_dim, self.use_time)(obs), self.hidden)
+        x = mlp(ObsEncoder(self.vocab_size, self.embed_dim, self.use_time)(obs), self.hidden)
         mean = nn.Dense(self.action_dim)(x)
         log_std = jnp.clip(nn.Dense(self.action_dim)(x), *LOG_STD_RANGE)
         return mean, log_std

@@ -72,6 +72,10 @@ OBS_KEYS = ("state", "instruction", "time")
 """what the residual and the critics read (images stay out of the buffers)"""
 
 
+def residual_obs(obs: dict) -> dict:
+    return {k: obs[k] for k in OBS_KEYS if k in obs}
+
+
 def _compact_sac() -> SACConfig:
     # RLPD's ingredients at a width the built-in suite trains in minutes on two cores
     # (``steerlab bench sac``): 128-128 MLPs, batch 128; ensemble 10, subset 2, UTD 20 kept.
@@ -178,8 +182,7 @@ def apply_residual(actor: ResidualActor, params, obs: dict, chunk: jax.Array, re
     flat). a_delta = tanh(mean + noise std eps): noise 0 is the mean, 1 a SAC sample."""
     h, a_dim = chunk.shape[0], chunk.shape[1]
     base = chunk[:replan].reshape(-1)
-    mean, log_std = actor.apply({"params": params}, {k: obs[k] for k in OBS_KEYS if k in obs},
-                                base)
+    mean, log_std = actor.apply({"params": params}, residual_obs(obs), base)
     delta = jnp.tanh(mean + noise * jnp.exp(log_std) * jax.random.normal(key, mean.shape))
     executed = compose(base, delta, xi)
     return chunk.at[:replan].set(executed.reshape(min(replan, h), a_dim)), base, executed
@@ -216,7 +219,7 @@ def collect(env, policy, actor, replan: int, decisions: int, gamma: float, ppara
             chunk, base, executed = apply_residual(
                 actor, aparams, obs, cands.actions[0], replan, jnp.where(probing, 0.0, xi),
                 jax.random.fold_in(k_select, 1), noise)
-            rec = {"obs": {k: obs[k] for k in OBS_KEYS if k in obs}, "base": base,
+            rec = {"obs": residual_obs(obs), "base": base,
                    "action": executed, "probing": probing}
             if record_steps:
                 rec["step_obs"] = _dataset_obs(obs)
@@ -485,15 +488,15 @@ def _distill(cfg: PLDConfig, su: _Setup, params: Any, demos: Any, learn_path: st
                  init_params=params, progress=False)
     _, distilled = load_policy(run_dir)
     keys = episode_keys(EVAL_SEED, cfg.eval_episodes)
-    zeros = su.actor.init(jax.random.PRNGKey(0), _critic_obs(su.env),
-                          jnp.zeros(su.action_dim))["params"]
-    base_s, dist_s = su.success(params, zeros, 0.0, keys), su.success(distilled, zeros, 0.0, keys)
-    result = {"episodes": cfg.eval_episodes, "eval_seed": EVAL_SEED,
-              "base": {"success": float(base_s.mean()),
-                       "interval": wilson_interval(float(base_s.sum()), len(base_s))},
-              "distilled": {"success": float(dist_s.mean()),
-                            "interval": wilson_interval(float(dist_s.sum()), len(dist_s))},
-              "mcnemar": mcnemar(dist_s, base_s), "run_dir": os.path.abspath(run_dir)}
+    none = _actor_shell(su.actor, su.env)  # at xi 0 any residual acts as none
+    base_s, dist_s = su.success(params, none, 0.0, keys), su.success(distilled, none, 0.0, keys)
+
+    def rate(s: np.ndarray) -> dict:
+        return {"success": float(s.mean()), "interval": wilson_interval(float(s.sum()), len(s))}
+
+    result = {"episodes": cfg.eval_episodes, "eval_seed": EVAL_SEED, "base": rate(base_s),
+              "distilled": rate(dist_s), "mcnemar": mcnemar(dist_s, base_s),
+              "run_dir": os.path.abspath(run_dir)}
     print(f"pld distill: M=1 success {result['base']['success']:.3f} (base) -> "
           f"{result['distilled']['success']:.3f} (distilled), McNemar p "
           f"{result['mcnemar']['p_value']:.3g} on {cfg.eval_episodes} paired episodes",
@@ -502,8 +505,14 @@ def _distill(cfg: PLDConfig, su: _Setup, params: Any, demos: Any, learn_path: st
 
 
 def _critic_obs(env) -> dict:
-    _, obs0 = env.reset(jax.random.PRNGKey(0))
-    return {k: obs0[k] for k in OBS_KEYS if k in obs0}
+    """One observation of ``env`` as the residual and the critics read it (for shapes)."""
+    return residual_obs(env.reset(jax.random.PRNGKey(0))[1])
+
+
+def _actor_shell(actor: ResidualActor, env) -> Any:
+    """A fresh residual's parameters: the structure a saved actor is restored into."""
+    return actor.init(jax.random.PRNGKey(0), _critic_obs(env),
+                      jnp.zeros(actor.action_dim))["params"]
 
 
 def _fit(cfg: PLDConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Array,
@@ -522,9 +531,7 @@ def _fit(cfg: PLDConfig, ctx: BuildContext, params: Any, demos: Any, key: jax.Ar
     if not os.path.isfile(os.path.join(out, "curve.json")):
         _probe(cfg, su, params, k_probe, out)
     info = read_json(os.path.join(out, "curve.json"))
-    shell = su.actor.init(jax.random.PRNGKey(0), _critic_obs(su.env),
-                          jnp.zeros(su.action_dim))["params"]
-    aparams = restore_pytree(os.path.join(out, "actor"), shell)
+    aparams = restore_pytree(os.path.join(out, "actor"), _actor_shell(su.actor, su.env))
     learn_path = os.path.join(out, "learn")
     if cfg.learn_episodes and not os.path.isfile(os.path.join(learn_path, "manifest.json")):
         _learn(cfg, su, params, aparams, info["final_xi"], k_learn, learn_path)
@@ -547,9 +554,7 @@ def _build(cfg: PLDConfig, ctx: BuildContext) -> ResidualAdapter:
         raise ValueError(f"adapter pld: {ctx.fitted_dir} was fitted at eval.replan="
                          f"{info['replan']}, the run asks for {ctx.replan}")
     actor = residual_actor(fitted.sac, info["action_dim"])
-    shell = actor.init(jax.random.PRNGKey(0), _critic_obs(ctx.env),
-                       jnp.zeros(info["action_dim"]))["params"]
-    params = restore_pytree(os.path.join(ctx.fitted_dir, "actor"), shell)
+    params = restore_pytree(os.path.join(ctx.fitted_dir, "actor"), _actor_shell(actor, ctx.env))
     return ResidualAdapter(actor, ctx.replan,
                            PLDState(params, jnp.float32(info["final_xi"])))
 

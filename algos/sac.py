@@ -47,7 +47,7 @@ import optax
 from flax import struct
 from flax.training.train_state import TrainState
 
-from algos.calql import LOG_STD_RANGE, ObsEncoder, tanh_gaussian
+from algos.calql import LOG_STD_RANGE, ObsEncoder, mlp, tanh_gaussian
 
 
 @dataclass(frozen=True)
@@ -202,12 +202,7 @@ class Critic(nn.Module):
     @nn.compact
     def __call__(self, obs: dict, action: jax.Array) -> jax.Array:  # [..., D] -> [...]
         x = ObsEncoder(self.vocab_size, self.embed_dim, self.use_time)(obs)
-        x = jnp.concatenate([x, action], -1)
-        for w in self.hidden:
-            x = nn.Dense(w)(x)
-            if self.layer_norm:
-                x = nn.LayerNorm()(x)
-            x = nn.relu(x)
+        x = mlp(jnp.concatenate([x, action], -1), self.hidden, self.layer_norm)
         return nn.Dense(1)(x)[..., 0]
 
 
@@ -224,9 +219,7 @@ class ResidualActor(nn.Module):
     @nn.compact
     def __call__(self, obs: dict, base: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = ObsEncoder(self.vocab_size, self.embed_dim, self.use_time)(obs)
-        x = jnp.concatenate([x, base], -1)
-        for w in self.hidden:
-            x = nn.relu(nn.Dense(w)(x))
+        x = mlp(jnp.concatenate([x, base], -1), self.hidden)
         # the mean starts at zero, so the first residual episodes execute the base itself
         # (a random residual would start below the base and the critic would have to undo it)
         mean = nn.Dense(self.action_dim, kernel_init=nn.initializers.zeros)(x)
