@@ -15,12 +15,8 @@ from algos.clip import ClipState, ClipToData, action_range
 from experiments.cli import main
 from experiments.harness import EvalConfig, Setup, evaluate_compiled
 from experiments.host_loop import evaluate_gym
-from policies import FlowConfig, example_obs, make_policy
 from policies.base import Candidates
 from verifiers.registry import make_verifier
-
-TINY = FlowConfig(width=32, depth=1, heads=2, expert_width=16, expert_heads=2, num_steps=2,
-                  horizon=4)
 
 
 def test_action_range_known_answer():
@@ -44,14 +40,6 @@ def test_clip_acts_on_the_chosen_candidate_only():
                                   actions[1])
     np.testing.assert_array_equal(ExecuteChosen().act(None, {}, None, cands, 0, key),
                                   actions[0])
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    env = envs.make("reach", max_steps=12)
-    cfg = TINY.with_spec(env.spec)
-    policy = make_policy("flow", cfg)
-    return env, policy, policy.init(jax.random.PRNGKey(0), example_obs(cfg))
 
 
 def _setup(env, policy, adapter):

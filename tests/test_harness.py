@@ -20,22 +20,10 @@ from experiments.harness import (
     summarize,
 )
 from experiments.host_loop import evaluate_gym
-from policies import ARConfig, FlowConfig, example_obs, make_policy
+from policies import ARConfig, make_policy
 from policies.proposals import GRIP, check_proposal, propose
 from verifiers.base import BuildContext
 from verifiers.registry import make_verifier
-
-TINY = FlowConfig(width=32, depth=1, heads=2, expert_width=16, expert_heads=2, num_steps=2,
-                  horizon=4)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    env = envs.make("reach", max_steps=12)
-    cfg = TINY.with_spec(env.spec)
-    policy = make_policy("flow", cfg)
-    params = policy.init(jax.random.PRNGKey(0), example_obs(cfg))
-    return env, policy, params
 
 
 def _setup(env, policy, verifier, **eval_kw):

@@ -13,11 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import envs
 from algos.base import BuildContext, ExecuteChosen
 from algos.pld import (
     EVAL_SEED,
-    OBS_KEYS,
     PLDConfig,
     PLDState,
     ResidualAdapter,
@@ -27,6 +25,7 @@ from algos.pld import (
     collect,
     hybrid_steps,
     probe_lengths,
+    residual_obs,
     to_transitions,
     xi_at,
 )
@@ -35,11 +34,8 @@ from algos.sac import ResidualActor, SACConfig
 from envs.dataset import load_demos, save_dataset
 from envs.rollout import episode_keys, num_decisions, split_episode_key
 from experiments.harness import EvalConfig, Setup, evaluate_compiled
-from policies import FlowConfig, example_obs, make_policy
 from verifiers.registry import make_verifier
 
-TINY = FlowConfig(width=32, depth=1, heads=2, expert_width=16, expert_heads=2, num_steps=2,
-                  horizon=4)
 REPLAN = 2
 
 
@@ -91,7 +87,7 @@ def _acting_residual(env, seed: int):
     """(actor, params) of a residual whose mean is not zero, for ``env``."""
     actor = _actor(env.spec.action_dim)
     _, obs = env.reset(jax.random.PRNGKey(0))
-    params = actor.init(jax.random.PRNGKey(2), {k: obs[k] for k in OBS_KEYS if k in obs},
+    params = actor.init(jax.random.PRNGKey(2), residual_obs(obs),
                         jnp.zeros(REPLAN * env.spec.action_dim))["params"]
     return actor, _perturbed(params, jax.random.PRNGKey(seed))
 
@@ -123,14 +119,6 @@ def test_the_residual_changes_only_the_executed_steps_and_clips():
     a = apply_residual(actor, params, obs, chunk, REPLAN, 0.5, key, 0.0)[2]
     b = apply_residual(actor, params, obs, chunk, REPLAN, 0.5, jax.random.PRNGKey(9), 0.0)[2]
     np.testing.assert_array_equal(a, b)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    env = envs.make("reach", max_steps=12)
-    cfg = TINY.with_spec(env.spec)
-    policy = make_policy("flow", cfg)
-    return env, policy, policy.init(jax.random.PRNGKey(0), example_obs(cfg))
 
 
 def _harness(env, policy, adapter, episodes):
