@@ -14,6 +14,21 @@ features without encoding twice. The default adapter (``none``) executes the cho
 unchanged; a residual policy (PLD) adds its correction to it; a test-time learner replaces the
 parameters it acts with. An adapter carries its default state in ``a.state`` like a verifier.
 
+A **test-time learner** (``learns = True``, TT-VLA) also learns during the episode. The harness
+threads its learner state (the ``carry``) through the decisions of an episode:
+
+    begin(astate) -> carry                                      # fresh: a new learner
+    start_episode(carry) -> carry                               # at every episode's start
+    before(carry, obs, context, progress, alive) -> (carry, noise_mean [H, A])
+    after(carry, context, candidates, index) -> carry
+    update(carry, progress) -> carry                            # the learning step (timed)
+    episode_records(carry) -> {name: value}                     # per-episode records
+
+``before`` runs at every decision before sampling (it sees the env's progress so far and may
+update the learner); ``noise_mean`` shifts the initial noise of the M candidates, which the
+verifier then ranks; ``after`` records the chosen candidate. ``continual`` says whether the
+carry passes from one episode to the next (a stream) or every episode starts from ``begin``.
+
 A plugin (``AdapterPlugin``) says how an adapter is configured, built and fitted; registering one
 (``algos.registry.register_adapter``) makes it available by name to the run config
 (``adapter.name``, options under ``adapter.<name>``), ``steerlab adapt`` and grids (the
@@ -76,6 +91,11 @@ class Adapter(Protocol):
 
     def act(self, astate: Any, obs: dict, context: Any, candidates: Candidates,
             index: jax.Array, key: jax.Array) -> jax.Array: ...
+
+
+def learns(adapter: Any) -> bool:
+    """Whether ``adapter`` is a test-time learner (see the module doc)."""
+    return bool(getattr(adapter, "learns", False))
 
 
 @dataclass(frozen=True)

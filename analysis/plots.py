@@ -21,8 +21,8 @@ from core.stats import fit_power_law, wilson_interval  # noqa: E402
 M_COLUMNS = ("eval.M", "harness.M", "M")
 VERIFIER_COLUMNS = ("verifier.name", "verifier")
 PHASES = ("encode", "sample", "score", "env")
-X_KEYS = ("episodes", "updates", "env_steps", "steps", "x")
-Y_KEYS = ("success_rate", "success", "return")
+X_KEYS = ("episodes", "updates", "env_steps", "steps", "x", "decision")
+Y_KEYS = ("success_rate", "success", "return", "progress")
 
 
 def find_column(df: pd.DataFrame, candidates) -> str | None:

@@ -40,8 +40,20 @@ def cmd_fit_verifier(args) -> None:
 def cmd_adapt(args) -> None:
     import os
 
-    from experiments.run import fit_cli
+    from algos.base import learns
+    from algos.registry import ADAPTERS
+    from experiments.run import adapt_online_cli, fit_cli
 
+    if args.name in ADAPTERS.known() and learns(ADAPTERS.lookup(args.name).adapter):
+        from analysis.plots import plot_learning_curves
+
+        comparison = adapt_online_cli(args.name, args.policy, args.out, args.overrides)
+        path = plot_learning_curves(  # within-episode progress, adapted vs frozen
+            [{"curves": {"decision": list(range(len(c))), "progress": c, "method": arm}}
+             for arm, c in comparison["curves"].items() if c],
+            os.path.join(args.out, "adaptation.png"))
+        print(f"wrote {path}")
+        return
     fit_cli("adapter", args.name, args.policy, args.demos, args.out, args.overrides)
     curve = os.path.join(args.out, "curve.json")
     if os.path.isfile(curve):  # an adapter's learning curve: success vs environment steps
@@ -158,8 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command, kind, fn in (("fit-verifier", "verifier", cmd_fit_verifier),
                               ("adapt", "adapter", cmd_adapt)):
-        s = sub.add_parser(command, help=f"fit a registered {kind} for a trained policy")
-        s.add_argument("name", help=f"a registered {kind} that has a fit")
+        learner = (" (a test-time learner is deployed with and without its learning on the same"
+                   " episodes)" if kind == "adapter" else "")
+        s = sub.add_parser(command, help=f"fit a registered {kind} for a trained policy{learner}")
+        s.add_argument("name", help=f"a registered {kind} that has a fit"
+                       + (" or learns at test time" if learner else ""))
         s.add_argument("--policy", required=True, help="policy run directory")
         s.add_argument("--demos", default=None, help="dataset (default: the policy's own)")
         s.add_argument("--out", required=True)

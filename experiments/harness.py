@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from algos.base import ExecuteChosen
+from algos.base import ExecuteChosen, learns
 from envs.rollout import (
     decision_keys,
     episode_keys,
@@ -131,23 +131,33 @@ def proposal_args(setup: Setup) -> tuple:
     return c.proposal, c.proposal_samples, "features" in setup.verifier.requires
 
 
-def candidates(setup: Setup, pparams, context, key):
+def candidates(setup: Setup, pparams, context, key, noise_mean=None):
     """The decision's M candidates from the run's proposal (``policies.proposals``)."""
-    return propose(setup.policy, pparams, context, key, setup.cfg.M, *proposal_args(setup))
+    return propose(setup.policy, pparams, context, key, setup.cfg.M, *proposal_args(setup),
+                   noise_mean=noise_mean)
 
 
-def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key, astate=None):
+def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key, astate=None,
+           carry=None):
     """One decision for one env, sample → score → act: returns (the chunk to execute [H, A],
-    the chosen index, scores [M], candidates). ``astate`` is the adapter's state."""
+    the chosen index, scores [M], candidates). ``astate`` is the adapter's state; a test-time
+    learner's ``carry`` (``algos.base``) steers the sampling, records the choice and is
+    returned as a fifth value."""
     k_sample, k_score, k_select = decision_keys(key)
     context = setup.policy.encode(pparams, obs)
-    cands = candidates(setup, pparams, context, k_sample)
+    noise_mean = None
+    if carry is not None:
+        carry, noise_mean = setup.adapter.before(carry, obs, context, env_state.progress,
+                                                 ~env_state.done)
+    cands = candidates(setup, pparams, context, k_sample, noise_mean)
     scores = setup.verifier.score(vstate, verifier_obs(setup, obs, env_state, k_expert), cands,
                                   k_score)
     index = select(scores, k_select, setup.cfg.selection, setup.cfg.temperature)
     # The act key is folded from the selection key, so adding the hook changed no other key.
     chunk = setup.adapter.act(astate, obs, context, cands, index, jax.random.fold_in(k_select, 1))
-    return chunk, index, scores, cands
+    if carry is None:
+        return chunk, index, scores, cands
+    return chunk, index, scores, cands, setup.adapter.after(carry, context, cands, index)
 
 
 def rank_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -161,15 +171,18 @@ def rank_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.sum(rx * ry) / jnp.maximum(jnp.sqrt(jnp.sum(rx**2) * jnp.sum(ry**2)), 1e-12)
 
 
-def run_episode(setup: Setup, pparams, vstate, key, astate=None):
-    """One full episode (``envs.rollout.unroll``) with the harness's probes; per-episode records."""
+def run_episode(setup: Setup, pparams, vstate, key, astate=None, carry=None):
+    """One full episode (``envs.rollout.unroll``) with the harness's probes; per-episode records.
+    With a test-time learner's ``carry``: (records, the carry at the episode's end)."""
     env, h = setup.env, setup.cfg.replan
     classify = setup.expert is not None and setup.cfg.classify_modes
 
-    def decision(state, obs, k_expert, k):
-        chunk, index, scores, cands = decide(setup, pparams, vstate, obs, state, k_expert, k,
-                                             astate)
+    def decision(state, obs, k_expert, k, learner=None):
+        out = decide(setup, pparams, vstate, obs, state, k_expert, k, astate, learner)
+        chunk, index, scores, cands = out[:4]
         rec = {"score": scores[index], "index": index}
+        if learner is not None:
+            rec["progress"] = state.progress  # the within-episode adaptation curve
         if setup.oracle is not None:
             oracle = setup.oracle.score(None, {**obs, "env_state": state}, cands, k)
             rec["oracle_gap"] = jnp.max(oracle) - oracle[index]
@@ -184,13 +197,16 @@ def run_episode(setup: Setup, pparams, vstate, key, astate=None):
                 star = setup.expert.expert_chunk(env, state, 0, k_expert, chunk.shape[0])
                 dist = jnp.sqrt(jnp.sum((cands.actions - star[None]) ** 2, axis=(1, 2)))
                 rec["score_distance_rho"] = rank_correlation(scores, dist)
-        return chunk, rec
+        return (chunk, rec) if learner is None else (chunk, rec, out[4])
 
     probe = (lambda s: setup.expert.wrong_block(env, s)) if classify else None
-    state, success, progress, recs = unroll(env, key, decision, setup.num_decisions, h, probe)
+    if carry is not None:
+        carry = setup.adapter.start_episode(carry)
+    state, success, progress, recs, *final = unroll(env, key, decision, setup.num_decisions, h,
+                                                    probe, carry)
     if probe is not None:
         recs["wrong_block"] = jnp.any(recs.pop("probe"), axis=-1)
-    return {
+    records = {
         "success": success,
         "progress": progress,
         "length": state.t,
@@ -198,14 +214,47 @@ def run_episode(setup: Setup, pparams, vstate, key, astate=None):
         "nonfinite_actions": state.nonfinite_actions,
         **{f"decisions/{k}": v for k, v in recs.items()},
     }
+    if carry is None:
+        return records
+    return {**records, **setup.adapter.episode_records(final[0])}, final[0]
 
 
 def evaluate_compiled(setup: Setup, pparams, vstate, astate=None) -> dict[str, np.ndarray]:
-    """All episodes in one compiled call (vmap over episodes); numpy per-episode records."""
+    """All episodes in one compiled call (vmap over episodes); numpy per-episode records.
+
+    A test-time learner starts every episode fresh (``begin``), or, when ``continual``, learns
+    along ``streams`` streams of consecutive episodes (a scan over each stream's episodes, the
+    carry passed on): stream s runs episodes s, s + S, s + 2S, ..., so episode i keeps its
+    initial state and is paired with every other arm's episode i."""
     keys = episode_keys(setup.cfg.seed, setup.cfg.episodes)
-    run = jax.jit(jax.vmap(lambda p, v, k, a: run_episode(setup, p, v, k, a),
-                           in_axes=(None, None, 0, None)))
-    return jax.tree.map(np.asarray, jax.block_until_ready(run(pparams, vstate, keys, astate)))
+    if not learns(setup.adapter):
+        run = jax.jit(jax.vmap(lambda p, v, k, a: run_episode(setup, p, v, k, a),
+                               in_axes=(None, None, 0, None)))
+        return jax.tree.map(np.asarray, jax.block_until_ready(run(pparams, vstate, keys, astate)))
+    adapter = setup.adapter
+    if not adapter.continual:
+        def fresh(p, v, k, a):
+            return run_episode(setup, p, v, k, a, adapter.begin(a))[0]
+
+        run = jax.jit(jax.vmap(fresh, in_axes=(None, None, 0, None)))
+        return jax.tree.map(np.asarray, jax.block_until_ready(run(pparams, vstate, keys, astate)))
+    streams = adapter.streams
+    if setup.cfg.episodes % streams:
+        raise ValueError(f"eval.episodes ({setup.cfg.episodes}) must be a multiple of the "
+                         f"continual learner's streams ({streams})")
+
+    def stream(p, v, ks, a):
+        def one(carry, k):
+            records, carry = run_episode(setup, p, v, k, a, carry)
+            return carry, records
+
+        return jax.lax.scan(one, adapter.begin(a), ks)[1]
+
+    # [episodes] -> [length, streams] -> per stream [length]: stream s holds i = s + S j
+    by_stream = keys.reshape(-1, streams, *keys.shape[1:]).swapaxes(0, 1)
+    run = jax.jit(jax.vmap(stream, in_axes=(None, None, 0, None)))
+    recs = jax.block_until_ready(run(pparams, vstate, by_stream, astate))
+    return jax.tree.map(lambda x: np.asarray(x).swapaxes(0, 1).reshape(-1, *x.shape[2:]), recs)
 
 
 def _ms(samples: list[float]) -> dict[str, float]:
@@ -274,6 +323,20 @@ def time_phases(setup: Setup, pparams, vstate, decisions: int, astate=None) -> d
     }
 
 
+def time_learner(adapter, astate, calls: int = 20) -> dict[str, Any]:
+    """A test-time learner's update latency on one environment (its ``update`` jitted alone,
+    after compilation): what each ``interval`` decisions add to the decision's phases."""
+    update = jax.jit(adapter.update)
+    carry = adapter.begin(astate)
+    carry = jax.block_until_ready(update(carry, jnp.float32(0.0)))
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        carry = jax.block_until_ready(update(carry, jnp.float32(0.0)))
+        times.append(time.perf_counter() - t0)
+    return {"learner_update_ms": _ms(times)}
+
+
 def summarize(records: dict[str, np.ndarray], mode_names: tuple[str, ...] = ()) -> dict:
     """Run-level metrics from per-episode records."""
     from core.stats import wilson_interval
@@ -297,6 +360,10 @@ def summarize(records: dict[str, np.ndarray], mode_names: tuple[str, ...] = ()) 
         metrics["oracle_gap"] = float(records["decisions/oracle_gap"][alive].mean())
     if alive is not None and "decisions/mode_weights" in records and mode_names:
         metrics.update(mode_metrics(records, mode_names))
+    if "decisions/progress" in records:  # the within-episode curve (frozen after the end)
+        metrics["progress_by_decision"] = np.mean(records["decisions/progress"], 0).tolist()
+    if "learner/updates" in records:
+        metrics["learner_updates_per_episode"] = float(np.mean(records["learner/updates"]))
     if alive is not None and "decisions/score_distance_rho" in records:
         metrics["score_distance_rho"] = float(records["decisions/score_distance_rho"][alive].mean())
     return metrics

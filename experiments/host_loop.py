@@ -13,6 +13,7 @@ import functools
 import jax
 import numpy as np
 
+from algos.base import learns
 from envs.host import HostDriver
 from envs.rollout import episode_keys, split_episode_key
 from experiments.harness import PRIVILEGED, Setup, decide
@@ -73,6 +74,10 @@ def evaluate_host(setup: Setup, driver, pparams, vstate, astate=None) -> dict[st
     """``evaluate_compiled``'s per-episode success / progress / length / nonfinite_actions,
     with envs stepped by ``driver`` (B = ``driver.num_envs`` episodes at a time; the last batch
     may be smaller), and ``nonfinite_obs``: observations with a NaN/inf entry the driver saw."""
+    if learns(setup.adapter):
+        raise ValueError(f"adapter {setup.adapter.name!r} learns during the episode, inside the "
+                         "compiled harness of a functional env; it does not run on a host-loop "
+                         "(gymnasium) env")
     decide_fn = batched_decide(setup)
     order = np.arange(setup.cfg.episodes)
     states = (pparams, vstate, astate)

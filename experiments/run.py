@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from algos.base import learns
 from algos.registry import ADAPTERS, make_adapter
 from core.config import to_dict
 from core.io import write_json, write_text
@@ -20,6 +22,7 @@ from experiments.harness import (
     Setup,
     evaluate_compiled,
     summarize,
+    time_learner,
     time_phases,
 )
 from experiments.scaling import scaling_study
@@ -118,6 +121,10 @@ def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = 
     metrics["eval_s"] = eval_s
     if cfg.eval.timing_decisions:
         metrics.update(time_phases(setup, params, vstate, cfg.eval.timing_decisions, astate))
+    if learns(setup.adapter):
+        metrics.update(time_learner(setup.adapter, astate))
+        if setup.adapter.continual:
+            metrics.update(stream_halves(records["success"]))
     out = Path(out_dir)
     write_json(out / "config.json", to_dict(cfg))
     write_text(out / "episodes.jsonl", _episode_rows(records))
@@ -135,6 +142,15 @@ def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = 
               f"[{metrics['success_ci_low']:.3f}, {metrics['success_ci_high']:.3f}] "
               f"({metrics['episodes']} episodes, {eval_s:.1f}s)")
     return result
+
+
+def stream_halves(success: np.ndarray) -> dict:
+    """Success over the first and the second half of a continual learner's streams: stream s
+    runs episodes s, s + S, ... (``evaluate_compiled``), so the first half of every stream is
+    episodes i < N / 2 (for any arm: the same initial states, the frozen base's control)."""
+    half = len(success) // 2
+    return {"stream_first_half_success": float(np.mean(success[:half])),
+            "stream_second_half_success": float(np.mean(success[half:]))}
 
 
 def run_scaling(cfg: RunConfig, policy_dir, out_dir, episodes: int = 40) -> dict:
@@ -224,11 +240,64 @@ def fit_cli(kind: str, name: str, policy_dir: str, demos: str | None, out: str,
         raise ValueError(f"{command}: unknown or untrainable name {name!r}; "
                          f"trainable: {trainable}")
     dataset = policy_dataset(policy_dir, demos)
-    prefixes = tuple(f"{k}." for k in REGISTRIES)
-    overrides = [o if o.startswith(prefixes) else f"{kind}.{name}.{o}" for o in overrides]
-    cfg = load_run_config(None, [f"{kind}.name={name}", *overrides])
+    cfg = load_run_config(None, [f"{kind}.name={name}", *plugin_overrides(kind, name, overrides)])
     fit_plugin(cfg, kind, policy_dir, dataset, out)
     print(os.path.abspath(out))
+
+
+def plugin_overrides(kind: str, name: str, overrides: list[str]) -> list[str]:
+    """A plugin command's ``field=value``: a run-config path (``task=``, ``eval.M=``,
+    ``verifier.seed=``) as is, anything else a field of the plugin's own section."""
+    top = {f.name for f in dataclasses.fields(RunConfig)}
+    return [o if o.split("=", 1)[0].split(".", 1)[0] in top else f"{kind}.{name}.{o}"
+            for o in overrides]
+
+
+def adapt_online_cli(name: str, policy_dir: str, out: str, overrides: list[str]) -> dict:
+    """``steerlab adapt NAME`` for a test-time learner (``algos.base``), which fits nothing
+    offline: the policy is deployed with the learner on the run's task and variant, and
+    without it (the frozen base) on the same initial states (``adapted/``, ``frozen/``);
+    ``comparison.json`` holds both success rates (Wilson), McNemar and the within-episode
+    adaptation curves (mean progress at each decision; the CLI plots them). A rerun keeps an
+    arm whose result was written with the same config."""
+    from core.io import read_json
+    from core.stats import mcnemar
+
+    cfg = load_run_config(None, [f"adapter.name={name}",
+                                 *plugin_overrides("adapter", name, overrides)])
+    arms = {"adapted": cfg, "frozen": dataclasses.replace(
+        cfg, adapter=dataclasses.replace(cfg.adapter, name="none"))}
+    results = {}
+    for arm, c in arms.items():
+        path = Path(out) / arm / "result.json"
+        if path.is_file() and read_json(path)["config"] == to_dict(c):
+            results[arm] = read_json(path)
+            print(f"[adapt] {arm}: kept {path}")
+        else:
+            results[arm] = run_eval(c, policy_dir, None, Path(out) / arm)
+    success = {arm: np.asarray([json.loads(line)["success"] for line in
+                                (Path(out) / arm / "episodes.jsonl").read_text().splitlines()])
+               for arm in arms}
+    metrics = {arm: r["metrics"] for arm, r in results.items()}
+    comparison = {
+        "adapter": name, "task": cfg.task, "variant": cfg.variant, "episodes": cfg.eval.episodes,
+        "eval_seed": cfg.eval.seed,
+        **{arm: {k: m[k] for k in ("success_rate", "success_ci_low", "success_ci_high",
+                                   "mean_final_progress", "mean_length") if k in m}
+           for arm, m in metrics.items()},
+        "mcnemar": mcnemar(success["adapted"], success["frozen"]),
+        "curves": {arm: m.get("progress_by_decision") for arm, m in metrics.items()},
+        "learner": {k: v for k, v in metrics["adapted"].items() if k.startswith("learner")},
+    }
+    if "stream_first_half_success" in metrics["adapted"]:  # a continual learner
+        comparison["stream_halves"] = {arm: stream_halves(s) for arm, s in success.items()}
+    write_json(Path(out) / "comparison.json", comparison)
+    m = comparison["mcnemar"]
+    print(f"[adapt] {name} on {cfg.task}/{cfg.variant}: success "
+          f"{comparison['adapted']['success_rate']:.3f} (adapted) vs "
+          f"{comparison['frozen']['success_rate']:.3f} (frozen), McNemar p {m['p_value']:.3g} "
+          f"on {cfg.eval.episodes} paired episodes")
+    return comparison
 
 
 def eval_cli(config_path: str | None, overrides: list[str], out: str) -> None:

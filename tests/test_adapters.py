@@ -90,23 +90,23 @@ FAST_BASE = {
 @pytest.mark.slow
 def test_adapt_command_and_grid_stage(tmp_path, capsys):
     """``steerlab adapt`` and the grid's adapter stage work for a registered adapter with no
-    per-name code: the grid fits clip_to_data once, notes that none has nothing to fit, and
-    trains the policy once for both."""
+    per-name code: the grid fits clip_to_data once, notes that none and the test-time learner
+    ttvla have nothing to fit, and trains the policy once for all three."""
     from experiments.config import RunConfig
     from experiments.grid import run_grid
     from experiments.pipeline import STAGES
 
     spec = {"name": "adapters", "base": FAST_BASE,
-            "axes": {"adapter.name": ["none", "clip_to_data"]}}
+            "axes": {"adapter.name": ["none", "clip_to_data", "ttvla"]}}
     table = run_grid(spec, tmp_path / "grid", STAGES, RunConfig)
-    assert (table["status"] == "done").all() and len(table) == 2
+    assert (table["status"] == "done").all() and len(table) == 3
     stages = tmp_path / "grid" / "stages"
     assert len([p for p in (stages / "policy").iterdir() if p.is_dir()]) == 1
     fitted = [p.name for p in (stages / "adapter").glob("*/*") if p.is_dir()]
     assert sorted(fitted) == ["fitted"]
-    assert len(list((stages / "adapter").glob("*/NOT_FITTED"))) == 1
+    assert len(list((stages / "adapter").glob("*/NOT_FITTED"))) == 2
     results = [json.loads(p.read_text()) for p in (tmp_path / "grid").glob("cells/*/result.json")]
-    assert sorted("adapter_dir" in r for r in results) == [False, True]
+    assert sorted("adapter_dir" in r for r in results) == [False, False, True]
 
     policy = next(p for p in (stages / "policy").iterdir() if p.is_dir()) / "run"
     out = tmp_path / "clip"
@@ -125,4 +125,18 @@ def test_adapt_command_and_grid_stage(tmp_path, capsys):
     assert main(["adapt", "none", "--policy", str(policy), "--out", str(tmp_path / "x")]) == 2
     assert "untrainable" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    assert pd.read_parquet(tmp_path / "grid" / "results.parquet")["adapter.name"].nunique() == 2
+    assert pd.read_parquet(tmp_path / "grid" / "results.parquet")["adapter.name"].nunique() == 3
+
+    # a test-time learner: deployed with and without learning on the same episodes
+    tt = ["adapt", "ttvla", "--policy", str(policy), "--out", str(tmp_path / "tt"), "task=reach",
+          "eval.episodes=4", "eval.max_steps=12", "eval.replan=2", "eval.timing_decisions=0",
+          "interval=2"]
+    assert main(tt) == 0
+    comparison = json.loads((tmp_path / "tt" / "comparison.json").read_text())
+    assert comparison["mcnemar"]["n"] == 4
+    assert len(comparison["curves"]["adapted"]) == len(comparison["curves"]["frozen"]) == 6
+    assert comparison["learner"]["learner_updates_per_episode"] > 0
+    assert (tmp_path / "tt" / "adaptation.png").is_file()
+    capsys.readouterr()
+    assert main(tt) == 0  # resumes: both arms are kept
+    assert capsys.readouterr().out.count("[adapt] ") == 3
