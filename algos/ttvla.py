@@ -212,9 +212,14 @@ class TTVLA:
                              count=carry.count + 1)
 
     def episode_records(self, carry: Learner) -> dict:
-        """Per-episode: the updates made and how far U moved from zero (Frobenius norm)."""
+        """Per-episode: the updates made, how far U moved from zero (Frobenius norm), and the
+        norm of the noise mean at the last decision's state (the noise itself has norm about
+        sqrt(H A))."""
+        last = carry.feats[(carry.count - 1) % self.cfg.interval]
         return {"learner/updates": carry.updates,
-                "learner/up_norm": jnp.sqrt(jnp.sum(carry.params["up"] ** 2))}
+                "learner/up_norm": jnp.sqrt(jnp.sum(carry.params["up"] ** 2)),
+                "learner/noise_mean_norm": jnp.sqrt(jnp.sum(
+                    noise_mean(carry.params, last, self.shape) ** 2))}
 
     # the update ------------------------------------------------------------------------------
 

@@ -364,6 +364,7 @@ def summarize(records: dict[str, np.ndarray], mode_names: tuple[str, ...] = ()) 
         metrics["progress_by_decision"] = np.mean(records["decisions/progress"], 0).tolist()
     if "learner/updates" in records:
         metrics["learner_updates_per_episode"] = float(np.mean(records["learner/updates"]))
+        metrics["learner_noise_mean_norm"] = float(np.mean(records["learner/noise_mean_norm"]))
     if alive is not None and "decisions/score_distance_rho" in records:
         metrics["score_distance_rho"] = float(records["decisions/score_distance_rho"][alive].mean())
     return metrics
