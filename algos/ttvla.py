@@ -17,12 +17,12 @@ The published recipe, on the decisions of one deployment episode:
 **What it adapts on a flow policy: the initial noise.** The denoiser stays frozen; the adapter
 is a Gaussian policy over the flow's initial noise, z ~ N(mu(s), I) with
 mu(s) = reshape(phi(s) D U) [H, A] (DSRL-style noise-space RL), phi(s) the policy's own state
-embedding for the action expert (``FlowContext.state``, F = expert_width), D [F, rank] drawn once
-and U [rank, H A] zero at the start. At mu = 0 the proposal is the base's own N(0, I): the
-frozen arm is exactly the base. The log-probability of a decision is the Gaussian's at the
-chosen candidate's noise, so with M > 1 the verifier ranks candidates drawn from the adapted
-proposal and the PPO ratio is the chosen one's (a verifier's choice is not a sample of the
-adapter's policy, so that arm is a heuristic composition).
+embedding for the action expert (``FlowContext.state``, F = expert_width); as in LoRA both D
+[F, rank] (drawn at random) and U [rank, H A] (zero at the start) are learned. At mu = 0 the
+proposal is the base's own N(0, I): the frozen arm is exactly the base. The log-probability of
+a decision is the Gaussian's at the chosen candidate's noise, so with M > 1 the verifier ranks
+candidates drawn from the adapted proposal and the PPO ratio is the chosen one's (a verifier's
+choice is not a sample of the adapter's policy, so that arm is a heuristic composition).
 
 A transition is one harness decision. The update is one step on data collected with the same
 parameters, so the ratio is 1 at that step and the clipped surrogate's gradient is the policy
@@ -76,7 +76,7 @@ class TTVLAConfig:
     progress: str = "env"
     """the progress signal: env (the simulator's ``info["progress"]``)"""
     init_seed: int = 0
-    """seed of the adapter's fixed down-projection D"""
+    """seed of the random draw that initialises the down-projection D"""
 
     def validate(self) -> None:
         w = "adapter.ttvla"
@@ -177,16 +177,19 @@ class TTVLA:
     def act(self, astate, obs, context, candidates, index, key) -> jax.Array:
         return candidates.actions[index]
 
+    def _empty_buffer(self, feature_dim: int) -> dict:
+        i = self.cfg.interval
+        return {"feats": jnp.zeros((i, feature_dim)), "noise": jnp.zeros((i, *self.shape)),
+                "old_log_prob": jnp.zeros(i), "progress": jnp.zeros(i),
+                "valid": jnp.zeros(i, bool), "count": jnp.int32(0), "updates": jnp.int32(0)}
+
     def begin(self, astate: dict) -> Learner:
-        i, f = self.cfg.interval, astate["down"].shape[0]
         return Learner(params=astate, opt_state=self.optimizer.init(astate),
-                       feats=jnp.zeros((i, f)), noise=jnp.zeros((i, *self.shape)),
-                       old_log_prob=jnp.zeros(i), progress=jnp.zeros(i),
-                       valid=jnp.zeros(i, bool), count=jnp.int32(0), updates=jnp.int32(0))
+                       **self._empty_buffer(astate["down"].shape[0]))
 
     def start_episode(self, carry: Learner) -> Learner:
-        fresh = self.begin(carry.params)
-        return fresh.replace(opt_state=carry.opt_state)
+        """Keeps the adapter and its optimizer; the transitions and counters start over."""
+        return carry.replace(**self._empty_buffer(carry.params["down"].shape[0]))
 
     def before(self, carry: Learner, obs, context, progress, alive):
         """Update on the last ``interval`` transitions when they are complete, then this
@@ -251,7 +254,8 @@ def features(context) -> jax.Array:
 
 
 def init_adapter(cfg: TTVLAConfig, feature_dim: int, shape: tuple[int, int]) -> dict:
-    """D ~ N(0, 1/F) [F, r] (fixed draw), U = 0 [r, H A]: the adapter's mean starts at 0."""
+    """D ~ N(0, 1/F) [F, r] (seeded draw), U = 0 [r, H A]: the adapter's mean starts at 0 (and
+    so does D's gradient, until U has moved)."""
     down = jax.random.normal(jax.random.PRNGKey(cfg.init_seed), (feature_dim, cfg.rank))
     return {"down": down / math.sqrt(feature_dim),
             "up": jnp.zeros((cfg.rank, shape[0] * shape[1]))}

@@ -181,16 +181,16 @@ def run_episode(setup: Setup, pparams, vstate, key, astate=None, carry=None):
         out = decide(setup, pparams, vstate, obs, state, k_expert, k, astate, learner)
         chunk, index, scores, cands = out[:4]
         rec = {"score": scores[index], "index": index}
-        if learner is not None:
-            rec["progress"] = state.progress  # the within-episode adaptation curve
+        if classify or learner is not None:
+            # the decision's progress bin; for a learner, the within-episode adaptation curve
+            rec["progress"] = state.progress
         if setup.oracle is not None:
             oracle = setup.oracle.score(None, {**obs, "env_state": state}, cands, k)
             rec["oracle_gap"] = jnp.max(oracle) - oracle[index]
         if classify:
             # The executed part of the chunk, labelled by the same classifier the dataset uses
-            # on its own chunks, and the progress bin it was chosen in.
+            # on its own chunks.
             rec["mode_weights"] = setup.expert.classify_chunk(env, state, chunk[:h])
-            rec["progress"] = state.progress
             if setup.cfg.M > 2:
                 # Does the verifier rank candidates by closeness to the pi* chunk? (TACO's
                 # count-vs-distance check; < 0 when higher scores go with closer chunks)
@@ -227,16 +227,14 @@ def evaluate_compiled(setup: Setup, pparams, vstate, astate=None) -> dict[str, n
     carry passed on): stream s runs episodes s, s + S, s + 2S, ..., so episode i keeps its
     initial state and is paired with every other arm's episode i."""
     keys = episode_keys(setup.cfg.seed, setup.cfg.episodes)
-    if not learns(setup.adapter):
-        run = jax.jit(jax.vmap(lambda p, v, k, a: run_episode(setup, p, v, k, a),
-                               in_axes=(None, None, 0, None)))
-        return jax.tree.map(np.asarray, jax.block_until_ready(run(pparams, vstate, keys, astate)))
-    adapter = setup.adapter
-    if not adapter.continual:
-        def fresh(p, v, k, a):
+    adapter, learner = setup.adapter, learns(setup.adapter)
+    if not (learner and adapter.continual):
+        def episode(p, v, k, a):
+            if not learner:
+                return run_episode(setup, p, v, k, a)
             return run_episode(setup, p, v, k, a, adapter.begin(a))[0]
 
-        run = jax.jit(jax.vmap(fresh, in_axes=(None, None, 0, None)))
+        run = jax.jit(jax.vmap(episode, in_axes=(None, None, 0, None)))
         return jax.tree.map(np.asarray, jax.block_until_ready(run(pparams, vstate, keys, astate)))
     streams = adapter.streams
     if setup.cfg.episodes % streams:
