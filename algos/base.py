@@ -19,15 +19,19 @@ threads its learner state (the ``carry``) through the decisions of an episode:
 
     begin(astate) -> carry                                      # fresh: a new learner
     start_episode(carry) -> carry                               # at every episode's start
-    before(carry, obs, context, progress, alive) -> (carry, noise_mean [H, A])
+    before(carry, obs, context, progress, alive) -> (carry, steer)
     after(carry, context, candidates, index) -> carry
     update(carry, progress) -> carry                            # the learning step (timed)
     episode_records(carry) -> {name: value}                     # per-episode records
 
 ``before`` runs at every decision before sampling (it sees the env's progress so far and may
-update the learner); ``noise_mean`` shifts the initial noise of the M candidates, which the
-verifier then ranks; ``after`` records the chosen candidate. ``continual`` says whether the
-carry passes from one episode to the next (a stream) or every episode starts from ``begin``.
+update the learner); ``steer`` changes how the M candidates are sampled
+(``policy.sample_steered``: a flow policy's initial-noise mean, the autoregressive policy's
+low-rank head update), which the verifier then ranks; ``after`` records the chosen candidate.
+``continual`` says whether the carry passes from one episode to the next (a stream) or every
+episode starts from ``begin``;
+a continual learner whose ``stream_states`` is true holds one state per stream (stacked on the
+first axis: each stream begins from its own, e.g. the adapters an earlier stream ended with).
 
 A plugin (``AdapterPlugin``) says how an adapter is configured, built and fitted; registering one
 (``algos.registry.register_adapter``) makes it available by name to the run config

@@ -24,6 +24,14 @@ a decision is the Gaussian's at the chosen candidate's noise, so with M > 1 the 
 candidates drawn from the adapted proposal and the PPO ratio is the chosen one's (a verifier's
 choice is not a sample of the adapter's policy, so that arm is a heuristic composition).
 
+**On the autoregressive policy: a LoRA on its output head** (``TokenSteer``), as TT-VLA's
+LoRA acts through OpenVLA's token log-probabilities: logits_t + h_t D U with h_t the token's
+final hidden state, D [W, rank] drawn at random, U [rank, bins] zero at the start (the
+transformer is frozen, so the chosen chunk's hidden states are the base's and its adapted
+log-probability, the sum over its H A tokens, is recomputed exactly from them). The KL term is
+the next-token KL summed over the chunk's sampled prefixes. The value of the ``gae`` option
+reads phi(s) = the last layer's prefix keys averaged over the prefix (``state_features``).
+
 A transition is one harness decision. The update is one step on data collected with the same
 parameters, so the ratio is 1 at that step and the clipped surrogate's gradient is the policy
 gradient (``tests/test_ttvla.py``); clipping acts only if ``epochs`` > 1.
@@ -36,6 +44,8 @@ adapter.name=ttvla variant=dynamics ...`` against ``adapter.name=none``.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,9 +56,11 @@ from flax import struct
 
 from algos.base import AdapterPlugin, BuildContext
 from algos.registry import register_adapter
+from core.io import read_npz
 
 RESETS = ("episode", "continual")
-PROGRESS = ("env",)
+PROGRESS = ("env", "learned")
+ADVANTAGES = ("increment", "gae")
 
 
 @dataclass(frozen=True)
@@ -74,9 +86,26 @@ class TTVLAConfig:
     streams: int = 8
     """continual: parallel streams; eval.episodes must be a multiple"""
     progress: str = "env"
-    """the progress signal: env (the simulator's ``info["progress"]``)"""
+    """the progress signal: env (the simulator's ``info["progress"]``) or learned (a progress
+    estimator fitted on demonstrations, ``algos.progress``, read from ``progress_dir``)"""
+    progress_dir: str = ""
+    """learned: the directory ``steerlab fit-progress`` wrote"""
+    advantage: str = "increment"
+    """increment: A_t = p_{t+1} - p_t (TT-VLA: gamma 0, no value); gae: GAE(gamma, lambda) over
+    the buffered transitions with a learned linear value V(phi(s)), bootstrapped from the state
+    after the last one (an extension)"""
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    value_coef: float = 0.5
+    """gae: weight of the value's squared error in the update's loss"""
     init_seed: int = 0
     """seed of the random draw that initialises the down-projection D"""
+    init_from: str = ""
+    """continual: start each stream from the adapter it ended with in an earlier run (that
+    run's ``adapters.npz``, same number of streams)"""
+    learn: bool = True
+    """false: act with the adapter as it is, no update (with ``init_from``: deploy a continual
+    stream's final adapters, e.g. back on the unshifted task)"""
 
     def validate(self) -> None:
         w = "adapter.ttvla"
@@ -87,12 +116,23 @@ class TTVLAConfig:
         for f in ("clip_eps", "max_grad_norm", "lr"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"{w}.{f} must be > 0, got {getattr(self, f)!r}")
-        if not self.kl_coef >= 0:
-            raise ValueError(f"{w}.kl_coef must be >= 0, got {self.kl_coef!r}")
-        if self.reset not in RESETS:
-            raise ValueError(f"{w}.reset must be one of {RESETS}, got {self.reset!r}")
-        if self.progress not in PROGRESS:
-            raise ValueError(f"{w}.progress must be one of {PROGRESS}, got {self.progress!r}")
+        for f in ("kl_coef", "value_coef"):
+            if not getattr(self, f) >= 0:
+                raise ValueError(f"{w}.{f} must be >= 0, got {getattr(self, f)!r}")
+        for f in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, f) <= 1:
+                raise ValueError(f"{w}.{f} must be in [0, 1], got {getattr(self, f)!r}")
+        for f, allowed in (("reset", RESETS), ("progress", PROGRESS),
+                           ("advantage", ADVANTAGES)):
+            if getattr(self, f) not in allowed:
+                raise ValueError(f"{w}.{f} must be one of {allowed}, got {getattr(self, f)!r}")
+        if (self.progress == "learned") != bool(self.progress_dir):
+            raise ValueError(f"{w}.progress_dir is needed by progress=learned and only by it; "
+                             f"got progress={self.progress!r}, "
+                             f"progress_dir={self.progress_dir!r}")
+        if self.init_from and self.reset != "continual":
+            raise ValueError(f"{w}.init_from continues continual streams: it needs "
+                             f"reset=continual, got reset={self.reset!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +143,27 @@ def progress_advantages(progress: jax.Array, progress_now: jax.Array) -> jax.Arr
     """Advantages of the last transitions: A_j = p_{j+1} - p_j with p [I] the progress at each
     transition's decision and ``progress_now`` the progress after the last one (gamma 0)."""
     return jnp.concatenate([progress[1:], progress_now[None]]) - progress
+
+
+def gae_advantages(rewards: jax.Array, values: jax.Array, next_value: jax.Array,
+                   nonterminal: jax.Array, gamma: float, lam: float) -> jax.Array:
+    """GAE over I transitions: delta_j = r_j + gamma V_{j+1} n_j - V_j and
+    A_j = delta_j + gamma lam n_j A_{j+1}, with V_I = ``next_value`` and n_j = 0 where the
+    episode ended after transition j (``nonterminal`` [I]). gamma = 0 gives A_j = r_j - V_j."""
+    next_values = jnp.concatenate([values[1:], next_value[None]])
+    deltas = rewards + gamma * next_values * nonterminal - values
+
+    def back(a_next, x):
+        delta, n = x
+        a = delta + gamma * lam * n * a_next
+        return a, a
+
+    return jax.lax.scan(back, jnp.float32(0.0), (deltas, nonterminal), reverse=True)[1]
+
+
+def value(params: dict, feats: jax.Array) -> jax.Array:
+    """V(s) = phi(s) w + b: [..., F] -> [...]."""
+    return feats @ params["value_w"] + params["value_b"]
 
 
 def noise_mean(params: dict, feats: jax.Array, shape: tuple[int, int]) -> jax.Array:
@@ -132,6 +193,99 @@ def clipped_surrogate(log_prob: jax.Array, old_log_prob: jax.Array, advantage: j
     return -jnp.sum(w * obj) / jnp.maximum(w.sum(), 1.0)
 
 
+def head_delta(params: dict, hidden: jax.Array) -> jax.Array:
+    """The low-rank output-head update of the autoregressive policy: h D U, [..., D] -> [...,
+    bins]."""
+    return hidden @ params["down"] @ params["up"]
+
+
+def token_log_prob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Sum of the tokens' log-probabilities: logits [..., T, bins], tokens [..., T] -> [...]."""
+    logp = jax.nn.log_softmax(logits)
+    return jnp.sum(jnp.take_along_axis(logp, tokens[..., None], -1)[..., 0], -1)
+
+
+def token_kl(logits: jax.Array, base_logits: jax.Array) -> jax.Array:
+    """KL(adapted || frozen) of the next-token distributions, summed over the chunk's sampled
+    prefixes: [..., T, bins] -> [...]."""
+    logp, logq = jax.nn.log_softmax(logits), jax.nn.log_softmax(base_logits)
+    return jnp.sum(jnp.exp(logp) * (logp - logq), axis=(-2, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# what the adapter acts on: one steering per policy kind
+
+
+@dataclass(frozen=True)
+class NoiseSteer:
+    """Flow policy: a Gaussian over the initial noise, z ~ N(phi(s) D U, I), D [F, r],
+    U [r, H A]; the denoiser is untouched."""
+
+    shape: tuple[int, int]  # (H, A)
+
+    def init(self, down: jax.Array, rank: int) -> dict:
+        return {"down": down, "up": jnp.zeros((rank, self.shape[0] * self.shape[1]))}
+
+    def steer(self, params: dict, feats: jax.Array) -> jax.Array:
+        return noise_mean(params, feats, self.shape)
+
+    def empty(self) -> dict:
+        return {"noise": jnp.zeros(self.shape)}
+
+    def chosen(self, params: dict, candidates, index) -> dict:
+        return {"noise": candidates.extras["noise"][index]}
+
+    def log_prob(self, params: dict, feats: jax.Array, chosen: dict) -> jax.Array:
+        return gaussian_log_prob(chosen["noise"], noise_mean(params, feats, self.shape))
+
+    def kl(self, params: dict, feats: jax.Array, chosen: dict) -> jax.Array:
+        return kl_to_frozen(noise_mean(params, feats, self.shape))
+
+    def records(self, params: dict, feats: jax.Array) -> dict:
+        """The noise mean's norm at a state (the noise itself has norm about sqrt(H A))."""
+        return {"learner/noise_mean_norm": jnp.sqrt(jnp.sum(self.steer(params, feats) ** 2))}
+
+
+@dataclass(frozen=True)
+class TokenSteer:
+    """Autoregressive policy: a LoRA on its output head, logits + h D U with h the token's
+    final hidden state, D [W, r], U [r, bins]; the transformer is untouched. The hidden states
+    of the chosen chunk do not depend on the adapter (it changes only the logits), so they and
+    the frozen head's logits are stored and the adapted log-probability is recomputed exactly."""
+
+    tokens: int  # T = H A
+    width: int  # W
+    bins: int
+
+    def init(self, down: jax.Array, rank: int) -> dict:
+        return {"down": down, "up": jnp.zeros((rank, self.bins))}
+
+    def steer(self, params: dict, feats: jax.Array) -> dict:
+        return {"down": params["down"], "up": params["up"]}
+
+    def empty(self) -> dict:
+        return {"tokens": jnp.zeros(self.tokens, jnp.int32),
+                "hidden": jnp.zeros((self.tokens, self.width)),
+                "base_logits": jnp.zeros((self.tokens, self.bins))}
+
+    def chosen(self, params: dict, candidates, index) -> dict:
+        hidden = candidates.extras["token_hidden"][index]
+        return {"tokens": candidates.extras["tokens"][index], "hidden": hidden,
+                "base_logits": candidates.extras["token_logits"][index]
+                - head_delta(params, hidden)}
+
+    def log_prob(self, params: dict, feats: jax.Array, chosen: dict) -> jax.Array:
+        return token_log_prob(chosen["base_logits"] + head_delta(params, chosen["hidden"]),
+                              chosen["tokens"])
+
+    def kl(self, params: dict, feats: jax.Array, chosen: dict) -> jax.Array:
+        return token_kl(chosen["base_logits"] + head_delta(params, chosen["hidden"]),
+                        chosen["base_logits"])
+
+    def records(self, params: dict, feats: jax.Array) -> dict:
+        return {}
+
+
 # ---------------------------------------------------------------------------------------------
 # the learner
 
@@ -140,15 +294,17 @@ def clipped_surrogate(log_prob: jax.Array, old_log_prob: jax.Array, advantage: j
 class Learner:
     """A test-time learner's carry: the adapter, its optimizer and the last transitions."""
 
-    params: dict  # {"down": [F, r], "up": [r, H A]}
+    params: dict  # {"down", "up"} (the steering's) + {"value_w" [F], "value_b" ()} with gae
     opt_state: Any
     feats: jax.Array  # [I, F] phi(s) of the last transitions
-    noise: jax.Array  # [I, H, A] the chosen candidates' initial noise
+    chosen: dict  # [I, ...] what the steering recomputes the chosen candidates' log-prob from
     old_log_prob: jax.Array  # [I]
     progress: jax.Array  # [I] the progress at each decision
     valid: jax.Array  # bool [I] the env was running at that decision
     count: jax.Array  # i32 () decisions so far this episode
     updates: jax.Array  # i32 () updates so far this episode
+    next_feats: jax.Array  # [F] phi of the state after the last transition (gae's bootstrap)
+    next_alive: jax.Array  # bool () the env still running there
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: its state holds arrays
@@ -156,8 +312,16 @@ class TTVLA:
     name = "ttvla"
     learns = True
     cfg: TTVLAConfig
-    shape: tuple[int, int]  # (H, A)
-    state: dict  # the adapter's initial parameters (U = 0)
+    head: NoiseSteer | TokenSteer
+    state: dict  # the adapter's initial parameters (U = 0), stacked [streams] with init_from
+    features: Callable  # context -> phi(s) [F], the policy's own (``state_features``)
+    feature_dim: int  # F
+    estimator: Any = None  # progress=learned: the fitted progress estimator
+
+    @property
+    def stream_states(self) -> bool:
+        """Each continual stream starts from its own state (``state`` is stacked)."""
+        return bool(self.cfg.init_from)
 
     @property
     def continual(self) -> bool:
@@ -177,70 +341,99 @@ class TTVLA:
     def act(self, astate, obs, context, candidates, index, key) -> jax.Array:
         return candidates.actions[index]
 
-    def _empty_buffer(self, feature_dim: int) -> dict:
-        i = self.cfg.interval
-        return {"feats": jnp.zeros((i, feature_dim)), "noise": jnp.zeros((i, *self.shape)),
+    def _empty_buffer(self) -> dict:
+        i, feature_dim = self.cfg.interval, self.feature_dim
+        chosen = jax.tree.map(lambda x: jnp.zeros((i, *x.shape), x.dtype), self.head.empty())
+        return {"feats": jnp.zeros((i, feature_dim)), "chosen": chosen,
                 "old_log_prob": jnp.zeros(i), "progress": jnp.zeros(i),
-                "valid": jnp.zeros(i, bool), "count": jnp.int32(0), "updates": jnp.int32(0)}
+                "valid": jnp.zeros(i, bool), "count": jnp.int32(0), "updates": jnp.int32(0),
+                "next_feats": jnp.zeros(feature_dim), "next_alive": jnp.bool_(False)}
 
     def begin(self, astate: dict) -> Learner:
         return Learner(params=astate, opt_state=self.optimizer.init(astate),
-                       **self._empty_buffer(astate["down"].shape[0]))
+                       **self._empty_buffer())
 
     def start_episode(self, carry: Learner) -> Learner:
         """Keeps the adapter and its optimizer; the transitions and counters start over."""
-        return carry.replace(**self._empty_buffer(carry.params["down"].shape[0]))
+        return carry.replace(**self._empty_buffer())
 
     def before(self, carry: Learner, obs, context, progress, alive):
         """Update on the last ``interval`` transitions when they are complete, then this
-        decision's noise mean."""
+        decision's noise mean. ``progress`` is the env's, or the learned estimator's at ``obs``."""
         i = self.cfg.interval
+        if self.estimator is not None:
+            from algos.progress import predict_progress
+
+            progress = predict_progress(self.estimator, obs)
+        feats = self.features(context)
         # after the episode's end every buffered transition is invalid: no update (Adam's
         # momentum would still move the adapter, which a continual stream carries on)
-        due = (carry.count > 0) & (carry.count % i == 0) & jnp.any(carry.valid)
+        due = (carry.count > 0) & (carry.count % i == 0) & jnp.any(carry.valid) & self.cfg.learn
+        carry = carry.replace(next_feats=feats, next_alive=alive)
         carry = jax.lax.cond(due, lambda c: self.update(c, progress), lambda c: c, carry)
         slot = carry.count % i
-        feats = features(context)
         carry = carry.replace(
             feats=carry.feats.at[slot].set(feats), progress=carry.progress.at[slot].set(progress),
             valid=carry.valid.at[slot].set(alive))
-        return carry, noise_mean(carry.params, feats, self.shape)
+        return carry, self.head.steer(carry.params, feats)
 
     def after(self, carry: Learner, context, candidates, index) -> Learner:
         slot = carry.count % self.cfg.interval
-        z = candidates.extras["noise"][index]
-        logp = gaussian_log_prob(z, noise_mean(carry.params, carry.feats[slot], self.shape))
-        return carry.replace(noise=carry.noise.at[slot].set(z),
-                             old_log_prob=carry.old_log_prob.at[slot].set(logp),
-                             count=carry.count + 1)
+        chosen = self.head.chosen(carry.params, candidates, index)
+        logp = self.head.log_prob(carry.params, carry.feats[slot], chosen)
+        return carry.replace(
+            chosen=jax.tree.map(lambda b, x: b.at[slot].set(x), carry.chosen, chosen),
+            old_log_prob=carry.old_log_prob.at[slot].set(logp), count=carry.count + 1)
 
     def episode_records(self, carry: Learner) -> dict:
-        """Per-episode: the updates made, how far U moved from zero (Frobenius norm), and the
-        norm of the noise mean at the last decision's state (the noise itself has norm about
-        sqrt(H A))."""
+        """Per-episode: the updates made, how far U moved from zero (Frobenius norm), and for a
+        flow policy the norm of the noise mean at the last decision's state; a continual
+        learner also records its parameters after the episode (``learner/params/NAME``: the
+        run's ``adapters.npz``)."""
         last = carry.feats[(carry.count - 1) % self.cfg.interval]
-        return {"learner/updates": carry.updates,
-                "learner/up_norm": jnp.sqrt(jnp.sum(carry.params["up"] ** 2)),
-                "learner/noise_mean_norm": jnp.sqrt(jnp.sum(
-                    noise_mean(carry.params, last, self.shape) ** 2))}
+        records = {"learner/updates": carry.updates,
+                   "learner/up_norm": jnp.sqrt(jnp.sum(carry.params["up"] ** 2)),
+                   **self.head.records(carry.params, last)}
+        if self.continual:
+            records.update({f"learner/params/{k}": v for k, v in carry.params.items()})
+        return records
 
     # the update ------------------------------------------------------------------------------
 
-    def loss(self, params: dict, carry: Learner, advantage: jax.Array) -> jax.Array:
-        mean = noise_mean(params, carry.feats, self.shape)
-        loss = clipped_surrogate(gaussian_log_prob(carry.noise, mean), carry.old_log_prob,
-                                 advantage, carry.valid, self.cfg.clip_eps)
+    def loss(self, params: dict, carry: Learner, advantage: jax.Array,
+             returns: jax.Array) -> jax.Array:
+        per = jax.vmap(lambda f, c: (self.head.log_prob(params, f, c),
+                                     self.head.kl(params, f, c)))
+        log_prob, kl = per(carry.feats, carry.chosen)
+        loss = clipped_surrogate(log_prob, carry.old_log_prob, advantage, carry.valid,
+                                 self.cfg.clip_eps)
+        w = carry.valid.astype(jnp.float32)
         if self.cfg.kl_coef:
-            w = carry.valid.astype(jnp.float32)
-            loss += self.cfg.kl_coef * jnp.sum(w * kl_to_frozen(mean)) / jnp.maximum(w.sum(), 1)
+            loss += self.cfg.kl_coef * jnp.sum(w * kl) / jnp.maximum(w.sum(), 1)
+        if self.cfg.advantage == "gae":
+            err = (value(params, carry.feats) - returns) ** 2
+            loss += self.cfg.value_coef * jnp.sum(w * err) / jnp.maximum(w.sum(), 1)
         return loss
 
+    def advantages(self, carry: Learner, progress_now: jax.Array):
+        """(advantages [I], value targets [I]) of the buffered transitions."""
+        rewards = progress_advantages(carry.progress, progress_now)
+        if self.cfg.advantage == "increment":
+            return rewards, jnp.zeros_like(rewards)
+        values = value(carry.params, carry.feats)
+        nonterminal = jnp.concatenate([carry.valid[1:], carry.next_alive[None]])
+        adv = gae_advantages(rewards, values, value(carry.params, carry.next_feats),
+                             nonterminal.astype(jnp.float32), self.cfg.gamma,
+                             self.cfg.gae_lambda)
+        return adv, adv + values
+
     def update(self, carry: Learner, progress_now: jax.Array) -> Learner:
-        """``epochs`` clipped-surrogate steps on the buffered transitions."""
-        advantage = progress_advantages(carry.progress, progress_now)
+        """``epochs`` clipped-surrogate steps on the buffered transitions (advantages and value
+        targets computed once, from the parameters that collected them)."""
+        advantage, returns = self.advantages(carry, progress_now)
 
         def step(c, _):
-            grads = jax.grad(self.loss)(c.params, c, advantage)
+            grads = jax.grad(self.loss)(c.params, c, advantage, returns)
             upd, opt_state = self.optimizer.update(grads, c.opt_state, c.params)
             return c.replace(params=optax.apply_updates(c.params, upd), opt_state=opt_state), None
 
@@ -248,27 +441,67 @@ class TTVLA:
         return carry.replace(updates=carry.updates + 1)
 
 
-def features(context) -> jax.Array:
-    """phi(s): the flow policy's state embedding for its action expert [F]."""
-    return context.state
+def init_adapter(cfg: TTVLAConfig, head, down_dim: int, feature_dim: int) -> dict:
+    """D ~ N(0, 1/d) [d, r] (seeded draw), U = 0: the adapter's output starts at 0 (and so does
+    D's gradient, until U has moved); with gae a zero value head on phi(s) [F]."""
+    down = jax.random.normal(jax.random.PRNGKey(cfg.init_seed), (down_dim, cfg.rank))
+    params = head.init(down / math.sqrt(down_dim), cfg.rank)
+    if cfg.advantage == "gae":
+        params.update(value_w=jnp.zeros(feature_dim), value_b=jnp.float32(0.0))
+    return params
 
 
-def init_adapter(cfg: TTVLAConfig, feature_dim: int, shape: tuple[int, int]) -> dict:
-    """D ~ N(0, 1/F) [F, r] (seeded draw), U = 0 [r, H A]: the adapter's mean starts at 0 (and
-    so does D's gradient, until U has moved)."""
-    down = jax.random.normal(jax.random.PRNGKey(cfg.init_seed), (feature_dim, cfg.rank))
-    return {"down": down / math.sqrt(feature_dim),
-            "up": jnp.zeros((cfg.rank, shape[0] * shape[1]))}
+ADAPTERS_FILE = "adapters.npz"
+
+
+def load_stream_adapters(cfg: TTVLAConfig, like: dict) -> dict:
+    """The last ``streams`` episodes' parameters of a continual run's ``adapters.npz`` (episode
+    i belongs to stream i mod S, so they are the streams' final adapters, in stream order),
+    stacked [S, ...] and checked against the parameters this config makes."""
+    path = cfg.init_from
+    if os.path.isdir(path):
+        path = os.path.join(path, ADAPTERS_FILE)
+    saved = read_npz(path, remedy="adapter.ttvla.init_from names a continual run's output "
+                     f"directory (its {ADAPTERS_FILE}) or the file")
+    if set(saved) != set(like):
+        raise ValueError(f"adapter.ttvla.init_from: {path} holds {sorted(saved)}; this config's "
+                         f"adapter has {sorted(like)} (same rank and advantage needed)")
+    n = len(next(iter(saved.values())))
+    if n % cfg.streams:
+        raise ValueError(f"adapter.ttvla.init_from: {path} holds {n} episodes, not a multiple "
+                         f"of streams={cfg.streams}")
+    stacked = {}
+    for k, v in like.items():
+        if saved[k].shape[1:] != v.shape:
+            raise ValueError(f"adapter.ttvla.init_from: {path}'s {k} has shape "
+                             f"{saved[k].shape[1:]}, this config's {v.shape}")
+        stacked[k] = jnp.asarray(saved[k][-cfg.streams:])
+    return stacked
 
 
 def _build(cfg: TTVLAConfig, ctx: BuildContext) -> TTVLA:
     cfg.validate()
     policy = ctx.policy
-    if policy is None or not hasattr(policy, "make_noise"):
-        raise ValueError("adapter ttvla steers a flow policy's initial noise; the "
-                         f"{type(policy).__name__} policy has none (policy.policy=flow)")
-    shape = (policy.horizon, policy.action_dim)
-    return TTVLA(cfg, shape, init_adapter(cfg, policy.feature_dim, shape))
+    if policy is None or not hasattr(policy, "sample_steered"):
+        raise ValueError("adapter ttvla steers a flow policy's initial noise or an "
+                         "autoregressive policy's output head; the "
+                         f"{type(policy).__name__} policy offers neither "
+                         "(policy.policy=flow|autoregressive)")
+    feature_dim = policy.feature_dim
+    if hasattr(policy, "make_noise"):
+        head, down_dim = NoiseSteer((policy.horizon, policy.action_dim)), feature_dim
+    else:
+        c = policy.cfg
+        head, down_dim = TokenSteer(c.num_tokens, c.width, c.bins), c.width
+    state = init_adapter(cfg, head, down_dim, feature_dim)
+    if cfg.init_from:
+        state = load_stream_adapters(cfg, state)
+    estimator = None
+    if cfg.progress == "learned":
+        from algos.progress import load_progress
+
+        estimator = load_progress(cfg.progress_dir)
+    return TTVLA(cfg, head, state, policy.state_features, feature_dim, estimator)
 
 
 register_adapter(AdapterPlugin(TTVLA, build=_build, config=TTVLAConfig))

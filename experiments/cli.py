@@ -68,6 +68,21 @@ def cmd_adapt(args) -> None:
         print(f"wrote {path}")
 
 
+def cmd_fit_progress(args) -> None:
+    import os
+
+    from experiments.fit_progress import fit_progress_run, progress_table
+
+    # --eval-demos takes one or more directories, so field=value overrides written after it
+    # land in its list: move those that are not existing paths to the overrides.
+    eval_demos, overrides = [], list(args.overrides)
+    for item in args.eval_demos:
+        (overrides if "=" in item and not os.path.exists(item) else eval_demos).append(item)
+    record = fit_progress_run(args.demos, args.out, eval_demos, overrides)
+    print(progress_table(record))
+    print(f"fit {record['fit_s']:.1f} s; wrote {os.path.join(args.out, 'progress.json')}")
+
+
 def cmd_check_policy(args) -> None:
     from experiments.run import check_policy_cli
 
@@ -180,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--out", required=True)
         s.add_argument("overrides", nargs="*", help="field.path=value")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("fit-progress", help="fit a task-progress estimator on demonstrations "
+                       "(a dense reward where a simulator gives no progress)")
+    s.add_argument("--demos", required=True, help="dataset to train on (episodes are split "
+                   "into training and held out)")
+    s.add_argument("--out", required=True, help="directory for the estimator and progress.json")
+    s.add_argument("--eval-demos", nargs="+", default=[], metavar="DIR",
+                   help="more datasets to measure accuracy on, e.g. other variants")
+    s.add_argument("overrides", nargs="*", help="ProgressConfig field=value, e.g. steps=2000")
+    s.set_defaults(fn=cmd_fit_progress)
 
     s = sub.add_parser("check-policy", help="does a trained policy reproduce its data? "
                        "(M=1 success, mode shares, wrong-block rate vs the dataset)")

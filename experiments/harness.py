@@ -131,10 +131,10 @@ def proposal_args(setup: Setup) -> tuple:
     return c.proposal, c.proposal_samples, "features" in setup.verifier.requires
 
 
-def candidates(setup: Setup, pparams, context, key, noise_mean=None):
+def candidates(setup: Setup, pparams, context, key, steer=None):
     """The decision's M candidates from the run's proposal (``policies.proposals``)."""
     return propose(setup.policy, pparams, context, key, setup.cfg.M, *proposal_args(setup),
-                   noise_mean=noise_mean)
+                   steer=steer)
 
 
 def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key, astate=None,
@@ -145,11 +145,11 @@ def decide(setup: Setup, pparams, vstate, obs, env_state, k_expert, key, astate=
     returned as a fifth value."""
     k_sample, k_score, k_select = decision_keys(key)
     context = setup.policy.encode(pparams, obs)
-    noise_mean = None
+    steer = None
     if carry is not None:
-        carry, noise_mean = setup.adapter.before(carry, obs, context, env_state.progress,
-                                                 ~env_state.done)
-    cands = candidates(setup, pparams, context, k_sample, noise_mean)
+        carry, steer = setup.adapter.before(carry, obs, context, env_state.progress,
+                                            ~env_state.done)
+    cands = candidates(setup, pparams, context, k_sample, steer)
     scores = setup.verifier.score(vstate, verifier_obs(setup, obs, env_state, k_expert), cands,
                                   k_score)
     index = select(scores, k_select, setup.cfg.selection, setup.cfg.temperature)
@@ -250,7 +250,8 @@ def evaluate_compiled(setup: Setup, pparams, vstate, astate=None) -> dict[str, n
 
     # [episodes] -> [length, streams] -> per stream [length]: stream s holds i = s + S j
     by_stream = keys.reshape(-1, streams, *keys.shape[1:]).swapaxes(0, 1)
-    run = jax.jit(jax.vmap(stream, in_axes=(None, None, 0, None)))
+    state_axis = 0 if getattr(adapter, "stream_states", False) else None  # one per stream
+    run = jax.jit(jax.vmap(stream, in_axes=(None, None, 0, state_axis)))
     recs = jax.block_until_ready(run(pparams, vstate, by_stream, astate))
     return jax.tree.map(lambda x: np.asarray(x).swapaxes(0, 1).reshape(-1, *x.shape[2:]), recs)
 
@@ -325,6 +326,8 @@ def time_learner(adapter, astate, calls: int = 20) -> dict[str, Any]:
     """A test-time learner's update latency on one environment (its ``update`` jitted alone,
     after compilation): what each ``interval`` decisions add to the decision's phases."""
     update = jax.jit(adapter.update)
+    if getattr(adapter, "stream_states", False):  # stacked per stream: time the first
+        astate = jax.tree.map(lambda x: x[0], astate)
     carry = adapter.begin(astate)
     carry = jax.block_until_ready(update(carry, jnp.float32(0.0)))
     times = []
@@ -362,6 +365,8 @@ def summarize(records: dict[str, np.ndarray], mode_names: tuple[str, ...] = ()) 
         metrics["progress_by_decision"] = np.mean(records["decisions/progress"], 0).tolist()
     if "learner/updates" in records:
         metrics["learner_updates_per_episode"] = float(np.mean(records["learner/updates"]))
+        metrics["learner_up_norm"] = float(np.mean(records["learner/up_norm"]))
+    if "learner/noise_mean_norm" in records:
         metrics["learner_noise_mean_norm"] = float(np.mean(records["learner/noise_mean_norm"]))
     if alive is not None and "decisions/score_distance_rho" in records:
         metrics["score_distance_rho"] = float(records["decisions/score_distance_rho"][alive].mean())

@@ -14,7 +14,7 @@ import numpy as np
 from algos.base import learns
 from algos.registry import ADAPTERS, make_adapter
 from core.config import to_dict
-from core.io import write_json, write_text
+from core.io import write_json, write_npz, write_text
 from envs import get_suite
 from envs.mixture import time_limit
 from experiments.config import RunConfig, load_run_config, plugin_options
@@ -128,6 +128,10 @@ def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = 
     out = Path(out_dir)
     write_json(out / "config.json", to_dict(cfg))
     write_text(out / "episodes.jsonl", _episode_rows(records))
+    learned = {k.removeprefix("learner/params/"): v for k, v in records.items()
+               if k.startswith("learner/params/")}
+    if learned:  # a continual learner's adapter after every episode (the streams' checkpoints)
+        write_npz(out / "adapters.npz", learned)
     result = {"schema": RESULT_SCHEMA, "kind": "eval", "config": to_dict(cfg),
               "policy_dir": str(policy_dir), "metrics": metrics}
     for name, path in (("verifier_dir", verifier_dir), ("adapter_dir", adapter_dir)):
@@ -258,23 +262,34 @@ def adapt_online_cli(name: str, policy_dir: str, out: str, overrides: list[str])
     offline: the policy is deployed with the learner on the run's task and variant, and
     without it (the frozen base) on the same initial states (``adapted/``, ``frozen/``);
     ``comparison.json`` holds both success rates (Wilson), McNemar and the within-episode
-    adaptation curves (mean progress at each decision; the CLI plots them). A rerun keeps an
-    arm whose result was written with the same config."""
+    adaptation curves (mean progress at each decision; the CLI plots them). A continual learner
+    on a shifted variant is then checked back on ``nominal``: its streams' final adapters,
+    frozen (``after_nominal/``), against the frozen base there (``nominal_frozen/``). A rerun
+    keeps an arm whose result was written with the same config."""
     from core.io import read_json
     from core.stats import mcnemar
 
     cfg = load_run_config(None, [f"adapter.name={name}",
                                  *plugin_overrides("adapter", name, overrides)])
-    arms = {"adapted": cfg, "frozen": dataclasses.replace(
-        cfg, adapter=dataclasses.replace(cfg.adapter, name="none"))}
-    results = {}
+    frozen = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, name="none"))
+    arms = {"adapted": cfg, "frozen": frozen}
+    options = plugin_options(cfg.adapter)
+    after = getattr(options, "reset", "") == "continual" and cfg.variant != "nominal"
+    if after:  # the streams' final adapters, frozen, back on the unshifted task
+        kept = dataclasses.replace(options, init_from=str(Path(out) / "adapted"), learn=False)
+        arms["after_nominal"] = dataclasses.replace(
+            cfg, variant="nominal", adapter=dataclasses.replace(cfg.adapter, **{name: kept}))
+        arms["nominal_frozen"] = dataclasses.replace(frozen, variant="nominal")
+    results, rerun = {}, set()
     for arm, c in arms.items():
         path = Path(out) / arm / "result.json"
-        if path.is_file() and read_json(path)["config"] == to_dict(c):
+        stale = arm == "after_nominal" and "adapted" in rerun  # it deploys adapted's adapters
+        if path.is_file() and read_json(path)["config"] == to_dict(c) and not stale:
             results[arm] = read_json(path)
             print(f"[adapt] {arm}: kept {path}")
         else:
             results[arm] = run_eval(c, policy_dir, None, Path(out) / arm)
+            rerun.add(arm)
     success = {arm: np.asarray([json.loads(line)["success"] for line in
                                 (Path(out) / arm / "episodes.jsonl").read_text().splitlines()])
                for arm in arms}
@@ -286,17 +301,26 @@ def adapt_online_cli(name: str, policy_dir: str, out: str, overrides: list[str])
                                    "mean_final_progress", "mean_length") if k in m}
            for arm, m in metrics.items()},
         "mcnemar": mcnemar(success["adapted"], success["frozen"]),
-        "curves": {arm: m.get("progress_by_decision") for arm, m in metrics.items()},
+        "curves": {arm: metrics[arm].get("progress_by_decision") for arm in ("adapted", "frozen")},
         "learner": {k: v for k, v in metrics["adapted"].items() if k.startswith("learner")},
     }
     if "stream_first_half_success" in metrics["adapted"]:  # a continual learner
-        comparison["stream_halves"] = {arm: stream_halves(s) for arm, s in success.items()}
+        comparison["stream_halves"] = {arm: stream_halves(success[arm])
+                                       for arm in ("adapted", "frozen")}
+    if after:
+        comparison["mcnemar_after_nominal"] = mcnemar(success["after_nominal"],
+                                                      success["nominal_frozen"])
     write_json(Path(out) / "comparison.json", comparison)
     m = comparison["mcnemar"]
     print(f"[adapt] {name} on {cfg.task}/{cfg.variant}: success "
           f"{comparison['adapted']['success_rate']:.3f} (adapted) vs "
           f"{comparison['frozen']['success_rate']:.3f} (frozen), McNemar p {m['p_value']:.3g} "
           f"on {cfg.eval.episodes} paired episodes")
+    if after:
+        print(f"[adapt] back on nominal with the streams' final adapters: "
+              f"{comparison['after_nominal']['success_rate']:.3f} vs "
+              f"{comparison['nominal_frozen']['success_rate']:.3f} (frozen base), McNemar p "
+              f"{comparison['mcnemar_after_nominal']['p_value']:.3g}")
     return comparison
 
 

@@ -174,7 +174,11 @@ class ARPolicy(ConfiguredPolicy):
         return ARContext(k[:, 0], v[:, 0], mask[0])
 
     def sample(self, params, context: ARContext, key: jax.Array, M: int,
-               temperature: float | None = None) -> Candidates:
+               temperature: float | None = None, head_delta: dict | None = None) -> Candidates:
+        """M chunks decoded token by token. ``head_delta`` {"down" [D, r], "up" [r, bins]} adds
+        a low-rank update to the output head (logits + h down up: a test-time learner's adapter);
+        then ``extras["token_hidden"]`` [M, T, D] holds the hidden state behind each token's
+        logits, which the adapter's log-probabilities are recomputed from."""
         c = self.cfg
         temp = c.temperature if temperature is None else temperature
         t = c.num_tokens
@@ -184,23 +188,40 @@ class ARPolicy(ConfiguredPolicy):
         def step(carry, xs):
             cache_k, cache_v, tok = carry
             pos, k_step = xs
-            logits, _, cache_k, cache_v = self.net.apply(
+            logits, h, cache_k, cache_v = self.net.apply(
                 params, tok, pos, cache_k, cache_v, context.k, context.v, context.mask,
                 method=ARNet.decode_step)
+            if head_delta is not None:
+                logits = logits + h @ head_delta["down"] @ head_delta["up"]
             new = jax.random.categorical(k_step, logits / temp, axis=-1).astype(jnp.int32)
-            return (cache_k, cache_v, new), (new, logits)
+            return (cache_k, cache_v, new), (new, logits, h)
 
         keys = jax.random.split(key, t)
         bos = jnp.full((M,), c.bins, jnp.int32)
-        (ck, cv, last), (toks, logits) = jax.lax.scan(step, (cache, cache, bos),
-                                                      (jnp.arange(t), keys))
+        (ck, cv, last), (toks, logits, hidden) = jax.lax.scan(step, (cache, cache, bos),
+                                                              (jnp.arange(t), keys))
         _, feat, _, _ = self.net.apply(params, last, t, ck, cv, context.k, context.v,
                                        context.mask, method=ARNet.decode_step)
         toks = toks.T  # [M, T]
         logits = jnp.swapaxes(logits, 0, 1)  # [M, T, bins]
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), toks[..., None], -1)[..., 0]
         actions = detokenize_actions(toks, c.bins).reshape(M, c.horizon, c.action_dim)
-        return Candidates(actions, feat, logp.sum(-1), {"tokens": toks, "token_logits": logits})
+        extras = {"tokens": toks, "token_logits": logits}
+        if head_delta is not None:
+            extras["token_hidden"] = jnp.swapaxes(hidden, 0, 1)
+        return Candidates(actions, feat, logp.sum(-1), extras)
+
+    def sample_steered(self, params, context: ARContext, key: jax.Array, M: int,
+                       steer: dict) -> Candidates:
+        """A test-time learner's steering (``algos.base``): a low-rank output-head update."""
+        return self.sample(params, context, key, M, head_delta=steer)
+
+    def state_features(self, context: ARContext) -> jax.Array:
+        """A feature of the observation alone [D]: the last layer's prefix keys, averaged over
+        the valid prefix tokens (heads concatenated)."""
+        k = context.k[-1].reshape(context.k.shape[1], -1)  # [N, D]
+        w = context.mask.astype(k.dtype)[:, None]
+        return jnp.sum(w * k, 0) / jnp.maximum(w.sum(), 1.0)
 
     def full_logits(self, params, obs: dict, tokens: jax.Array):
         """Recompute without caches: tokens [M, T] -> (logits [M, T, bins], feature [M, D])."""

@@ -244,6 +244,16 @@ class FlowPolicy(ConfiguredPolicy):
         x, feat = self._integrate(params, context, noise)
         return Candidates(jnp.clip(x, -1.0, 1.0), feat, None, {"noise": noise})
 
+    def sample_steered(self, params, context: FlowContext, key: jax.Array, M: int,
+                       steer: jax.Array) -> Candidates:
+        """A test-time learner's steering (``algos.base``): the same initial noise, shifted by
+        the mean ``steer`` [H, A]."""
+        return self.sample(params, context, key, M, noise=self.make_noise(key, M) + steer)
+
+    def state_features(self, context: FlowContext) -> jax.Array:
+        """A feature of the observation alone [F]: the state embedding for the action expert."""
+        return context.state
+
     def sample_naive(self, params, obs: dict, key: jax.Array, M: int,
                      noise: jax.Array | None = None) -> Candidates:
         """Baseline as released TACO/pi0.5 code: tile obs M times, prefix at batch M."""

@@ -57,20 +57,18 @@ def check_proposal(proposal: str, policy, requires: tuple[str, ...]) -> None:
 
 
 def propose(policy, params, context, key: jax.Array, M: int, proposal: str = "policy",
-            samples: int = 4, features: bool = True, noise_mean: jax.Array | None = None
-            ) -> Candidates:
+            samples: int = 4, features: bool = True, steer=None) -> Candidates:
     """A decision's M candidates (see the module doc). ``features``: compute the Gaussian
     draws' one-step features (a verifier that reads none skips their M expert passes; they
     are zeros then). The plain proposal is exactly ``policy.sample(params, context, key, M)``.
-    ``noise_mean`` [H, A] shifts the initial noise of the policy's own samples (a test-time
-    learner steering a flow policy; ``algos.base``): the same draws, moved by the mean."""
-    if noise_mean is not None:
-        if proposal != "policy" or not hasattr(policy, "make_noise"):
-            raise ValueError("a noise-steering adapter needs eval.proposal=policy and a policy "
-                             f"that samples from initial noise (flow); got proposal "
-                             f"{proposal!r}, policy {type(policy).__name__}")
-        return policy.sample(params, context, key, M,
-                             noise=policy.make_noise(key, M) + noise_mean)
+    ``steer`` is a test-time learner's steering of the policy's own samples (``algos.base``,
+    ``policy.sample_steered``: a flow policy's initial-noise mean, the autoregressive policy's
+    low-rank head update)."""
+    if steer is not None:
+        if proposal != "policy":
+            raise ValueError("a test-time learner steers the policy's own samples: it needs "
+                             f"eval.proposal=policy, got {proposal!r}")
+        return policy.sample_steered(params, context, key, M, steer)
     if proposal == "policy":
         return policy.sample(params, context, key, M)
     k_base, k_draw, k_feat = jax.random.split(key, 3)

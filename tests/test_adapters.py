@@ -140,3 +140,17 @@ def test_adapt_command_and_grid_stage(tmp_path, capsys):
     capsys.readouterr()
     assert main(tt) == 0  # resumes: both arms are kept
     assert capsys.readouterr().out.count("[adapt] ") == 3
+    # continual on a shifted variant: the streams' final adapters are checked back on nominal
+    cont = [*tt[:5], str(tmp_path / "tc"), *tt[6:], "reset=continual", "streams=2",
+            "variant=dynamics"]
+    assert main(cont) == 0
+    comparison = json.loads((tmp_path / "tc" / "comparison.json").read_text())
+    assert comparison["mcnemar_after_nominal"]["n"] == 4
+    assert set(comparison["stream_halves"]) == {"adapted", "frozen"}
+    with np.load(tmp_path / "tc" / "adapted" / "adapters.npz") as saved:
+        assert saved["up"].shape[0] == 4  # the adapter after each episode
+    after = json.loads((tmp_path / "tc" / "after_nominal" / "result.json").read_text())
+    assert after["metrics"]["learner_updates_per_episode"] == 0  # deployed, not learning
+    capsys.readouterr()
+    assert main(cont) == 0
+    assert capsys.readouterr().out.count(": kept ") == 4

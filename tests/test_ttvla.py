@@ -12,10 +12,12 @@ from algos.registry import make_adapter
 from algos.ttvla import (
     TTVLAConfig,
     clipped_surrogate,
+    gae_advantages,
     gaussian_log_prob,
     kl_to_frozen,
     noise_mean,
     progress_advantages,
+    token_kl,
 )
 from experiments.harness import EvalConfig, Setup, evaluate_compiled
 from experiments.host_loop import evaluate_gym
@@ -30,6 +32,36 @@ def test_advantage_is_the_progress_increment():
     p = jnp.asarray([0.1, 0.3, 0.3, 0.6])
     np.testing.assert_allclose(progress_advantages(p, jnp.float32(0.65)),
                                [0.2, 0.0, 0.3, 0.05], atol=1e-6)
+
+
+def test_gae_known_values():
+    """gamma = lam = 0.5 by hand: deltas (0.2, -0.05, 0); the episode ends after the last
+    transition, so its bootstrap value 0.4 is not used."""
+    r, v = jnp.asarray([0.2, 0.0, 0.3]), jnp.asarray([0.1, 0.2, 0.3])
+    adv = gae_advantages(r, v, jnp.float32(0.4), jnp.asarray([1.0, 1.0, 0.0]), 0.5, 0.5)
+    np.testing.assert_allclose(adv, [0.1875, -0.05, 0.0], atol=1e-6)
+    np.testing.assert_allclose(  # gamma 0: the reward less the value
+        gae_advantages(r, v, jnp.float32(0.4), jnp.ones(3), 0.0, 0.95), r - v, atol=1e-7)
+
+
+def test_gae_at_gamma_zero_with_a_fresh_value_is_the_published_update():
+    """V = 0 at the start, so GAE with gamma 0 gives the increments: the first update's policy
+    step is the published one's; the value head then moves toward the rewards."""
+    feats, z = jnp.linspace(-1.0, 1.0, 6), jnp.ones(SHAPE)
+    ups = {}
+    for adv in ("increment", "gae"):
+        a = make_adapter("ttvla", BuildContext(policy=_Stub(feature_dim=6)),
+                         TTVLAConfig(interval=1, lr=0.05, advantage=adv, gamma=0.0))
+        carry = a.begin(a.state).replace(
+            feats=feats[None], chosen={"noise": z[None]}, progress=jnp.zeros(1),
+            valid=jnp.ones(1, bool),
+            old_log_prob=gaussian_log_prob(z, noise_mean(a.state, feats, SHAPE))[None],
+            next_feats=feats, next_alive=jnp.bool_(True))
+        params = a.update(carry, jnp.float32(0.5)).params
+        ups[adv] = params["up"]
+    np.testing.assert_allclose(ups["gae"], ups["increment"], rtol=1e-6)
+    from algos.ttvla import value
+    assert float(value(params, feats)) > 0  # toward the return 0.5
 
 
 def _batch(key, n=5, f=6, rank=2):
@@ -110,7 +142,7 @@ def test_one_update_moves_the_mean_toward_noise_that_made_progress():
     carry = a.begin(a.state)
     feats = jnp.linspace(-1.0, 1.0, 6)
     z = jnp.ones(SHAPE)
-    carry = carry.replace(feats=feats[None], noise=z[None], progress=jnp.zeros(1),
+    carry = carry.replace(feats=feats[None], chosen={"noise": z[None]}, progress=jnp.zeros(1),
                           valid=jnp.ones(1, bool), old_log_prob=gaussian_log_prob(
                               z, noise_mean(a.state, feats, SHAPE))[None])
     toward = noise_mean(a.update(carry, jnp.float32(0.5)).params, feats, SHAPE)
@@ -125,6 +157,12 @@ class _Stub:
         self.feature_dim, self.horizon, self.action_dim = feature_dim, *SHAPE
 
     def make_noise(self, key, M):
+        raise NotImplementedError
+
+    def sample_steered(self, params, context, key, M, steer):
+        raise NotImplementedError
+
+    def state_features(self, context):
         raise NotImplementedError
 
 
@@ -160,17 +198,131 @@ def test_continual_streams_carry_the_adapter_and_keep_the_pairing(learner_env):
         evaluate_compiled(_setup(env, policy, cont, episodes=6), params, None, cont.state)
 
 
+def test_continual_adapters_are_saved_and_deployed_frozen(learner_env, tmp_path):
+    """A continual run's per-episode parameters (``adapters.npz``): ``init_from`` starts each
+    stream from the adapter it ended with, and ``learn=false`` deploys it without updates."""
+    from core.io import write_npz
+
+    env, policy, params, ctx = learner_env
+    cfg = TTVLAConfig(interval=2, lr=0.05, reset="continual", streams=4)
+    a = make_adapter("ttvla", ctx, cfg)
+    rec = evaluate_compiled(_setup(env, policy, a), params, None, a.state)
+    write_npz(tmp_path / "adapters.npz", {k.removeprefix("learner/params/"): v
+                                          for k, v in rec.items() if "/params/" in k})
+    kept = make_adapter("ttvla", ctx, TTVLAConfig(interval=2, reset="continual", streams=4,
+                                                   init_from=str(tmp_path), learn=False))
+    np.testing.assert_array_equal(kept.state["up"], rec["learner/params/up"][4:])
+    again = evaluate_compiled(_setup(env, policy, kept), params, None, kept.state)
+    np.testing.assert_array_equal(again["learner/updates"], 0)
+    # episode i runs on stream i mod 4, whose adapter is the one that stream ended with
+    np.testing.assert_allclose(again["learner/up_norm"], np.tile(rec["learner/up_norm"][4:], 2),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="same rank"):
+        make_adapter("ttvla", ctx, TTVLAConfig(reset="continual", streams=4,
+                                               init_from=str(tmp_path), advantage="gae"))
+
+
 def test_bad_input_is_named(learner_env):
     env, policy, params, ctx = learner_env
     with pytest.raises(ValueError, match="adapter.ttvla.reset must be one of"):
         make_adapter("ttvla", ctx, TTVLAConfig(reset="sometimes"))
     with pytest.raises(ValueError, match="adapter.ttvla.interval must be a positive int"):
         make_adapter("ttvla", ctx, TTVLAConfig(interval=0))
-    ar = make_policy("autoregressive", ARConfig(width=16, depth=1, heads=2, horizon=4)
-                     .with_spec(env.spec))
-    with pytest.raises(ValueError, match="steers a flow policy's initial noise"):
-        make_adapter("ttvla", BuildContext(env=env, policy=ar, replan=2), TTVLAConfig())
+    with pytest.raises(ValueError, match="adapter.ttvla.advantage must be one of"):
+        make_adapter("ttvla", ctx, TTVLAConfig(advantage="td"))
+    with pytest.raises(ValueError, match="adapter.ttvla.gamma must be in"):
+        make_adapter("ttvla", ctx, TTVLAConfig(gamma=1.5))
+    with pytest.raises(ValueError, match="progress_dir is needed by progress=learned"):
+        make_adapter("ttvla", ctx, TTVLAConfig(progress="learned"))
+    with pytest.raises(ValueError, match="init_from continues continual streams"):
+        make_adapter("ttvla", ctx, TTVLAConfig(init_from="somewhere"))
+    with pytest.raises(FileNotFoundError, match="adapter.ttvla.init_from names"):
+        make_adapter("ttvla", ctx, TTVLAConfig(reset="continual", init_from="/nonexistent"))
+    with pytest.raises(ValueError, match="offers neither"):
+        make_adapter("ttvla", BuildContext(env=env, policy=object(), replan=2), TTVLAConfig())
     a = make_adapter("ttvla", ctx, TTVLAConfig())
     with pytest.raises(ValueError, match="learns during the episode"):
         evaluate_gym(_setup(env, policy, a), envs.TabletopGymEnv(task="reach", max_steps=12),
                      params, None, a.state)
+
+
+# ---------------------------------------------------------------------------------------------
+# the autoregressive policy: a low-rank update of its output head
+
+
+@pytest.fixture(scope="module")
+def ar_env(learner_env):
+    env = learner_env[0]
+    cfg = ARConfig(width=16, depth=1, heads=2, horizon=4, bins=32).with_spec(env.spec)
+    policy = make_policy("autoregressive", cfg)
+    obs = env.reset(jax.random.PRNGKey(3))[1]
+    return env, policy, policy.init(jax.random.PRNGKey(0), obs), obs
+
+
+def test_the_head_adapter_at_its_start_is_the_base_and_its_log_prob_is_the_policy_s(ar_env):
+    """U = 0 samples the base's tokens exactly; with U moved, the learner's recomputed
+    log-probability of a chosen chunk equals the policy's own (temperature 1)."""
+    env, policy, params, obs = ar_env
+    a = make_adapter("ttvla", BuildContext(env=env, policy=policy), TTVLAConfig(rank=2))
+    context, key = policy.encode(params, obs), jax.random.PRNGKey(5)
+    base = policy.sample(params, context, key, 3)
+    steered = policy.sample_steered(params, context, key, 3, a.head.steer(a.state, None))
+    np.testing.assert_array_equal(base.extras["tokens"], steered.extras["tokens"])
+    np.testing.assert_allclose(base.log_prob, steered.log_prob, rtol=1e-6)
+    moved = {**a.state, "up": 0.5 * jax.random.normal(jax.random.PRNGKey(1), a.state["up"].shape)}
+    cands = policy.sample_steered(params, context, key, 3, a.head.steer(moved, None))
+    chosen = a.head.chosen(moved, cands, 1)
+    np.testing.assert_allclose(a.head.log_prob(moved, None, chosen), cands.log_prob[1],
+                               rtol=1e-5)
+    np.testing.assert_allclose(a.head.kl(a.state, None, chosen), 0.0, atol=1e-6)  # identical
+    assert float(a.head.kl(moved, None, chosen)) > 0
+    logits = jax.random.normal(jax.random.PRNGKey(2), (4, 32))
+    np.testing.assert_allclose(token_kl(logits, logits), 0.0, atol=1e-6)
+
+
+def test_the_head_adapter_learns_inside_the_harness(ar_env):
+    """6 decisions, interval 2: two updates per episode; a positive advantage raises the
+    chosen chunk's log-probability."""
+    env, policy, params, obs = ar_env
+    ctx = BuildContext(env=env, policy=policy, replan=2)
+    a = make_adapter("ttvla", ctx, TTVLAConfig(interval=2, lr=0.05, rank=2))
+    rec = evaluate_compiled(_setup(env, policy, a, episodes=4), params, None, a.state)
+    np.testing.assert_array_equal(rec["learner/updates"], 2)
+    assert np.all(rec["learner/up_norm"] > 0)
+    a = make_adapter("ttvla", ctx, TTVLAConfig(interval=1, lr=0.05, rank=2))
+    context = policy.encode(params, obs)
+    cands = policy.sample_steered(params, context, jax.random.PRNGKey(7), 1,
+                                  a.head.steer(a.state, None))
+    carry = a.after(a.before(a.begin(a.state), obs, context, jnp.float32(0.0),
+                             jnp.bool_(True))[0], context, cands, 0)
+    chosen = jax.tree.map(lambda x: x[0], carry.chosen)
+    after = a.update(carry, jnp.float32(0.3)).params
+    assert float(a.head.log_prob(after, None, chosen)) > float(cands.log_prob[0])
+
+
+def test_a_learned_progress_estimator_replaces_the_env_s(learner_env, tmp_path):
+    """progress=learned: the learner's progress (and so its advantages) is the estimator's at the
+    observation, not the env's."""
+    from algos.progress import (
+        ProgressConfig,
+        ProgressEstimator,
+        make_net,
+        predict_progress,
+        save_progress,
+    )
+
+    env, policy, params, ctx = learner_env
+    obs = env.reset(jax.random.PRNGKey(2))[1]
+    cfg = ProgressConfig(width=8, depth=1, embed_dim=4)
+    net = make_net(cfg, int(obs["instruction"].max()) + 1, len(envs.tabletop.TASKS))
+    batch = jax.tree.map(lambda x: jnp.asarray(x)[None],
+                         {k: obs[k] for k in ("state", "instruction", "task_id")})
+    est = ProgressEstimator(params=net.init(jax.random.PRNGKey(0), batch), net=net, config=cfg,
+                            state_dim=int(obs["state"].shape[-1]))
+    save_progress(est, str(tmp_path / "est"))
+    a = make_adapter("ttvla", ctx, TTVLAConfig(progress="learned",
+                                               progress_dir=str(tmp_path / "est")))
+    carry, _ = a.before(a.begin(a.state), obs, policy.encode(params, obs), jnp.float32(0.9),
+                        jnp.bool_(True))
+    np.testing.assert_allclose(carry.progress[0], predict_progress(est, obs), rtol=1e-6)
+    assert abs(float(carry.progress[0]) - 0.9) > 1e-3
