@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+MANISKILL_STAMP := $(VENV)/.installed-maniskill
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OUT ?= runs/quickstart
 
 $(STAMP): pyproject.toml constraints.txt
@@ -18,14 +20,27 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,ray,vlm]"
 	touch $(TEST_STAMP)
 
-.PHONY: setup quickstart test test-fast lint bench
+# ManiSkill3 (envs/maniskill.py): its extra, and a Vulkan driver SAPIEN accepts. Debian
+# bookworm's Mesa 22 lavapipe lacks descriptorBindingPartiallyBound, so SAPIEN finds no device;
+# Mesa 25 from bookworm-backports has it (see the README).
+$(MANISKILL_STAMP): $(TEST_STAMP)
+	echo "deb http://deb.debian.org/debian bookworm-backports main" \
+		| $(SUDO) tee /etc/apt/sources.list.d/bookworm-backports.list > /dev/null
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports \
+		mesa-vulkan-drivers libvulkan1 > /dev/null
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,ray,vlm,maniskill]"
+	touch $(MANISKILL_STAMP)
+
+.PHONY: setup setup-maniskill quickstart test test-fast lint bench
 setup: $(STAMP)
+setup-maniskill: $(MANISKILL_STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/steerlab quickstart --out $(OUT)
 
-# The whole suite, slow tests included (what CI runs).
-test: $(TEST_STAMP)
+# The whole suite, slow tests and the ManiSkill3 suite's included (what CI runs).
+test: $(MANISKILL_STAMP)
 	$(BIN)/pytest -q -m "slow or not slow"
 
 # The default run: fast tests only.

@@ -1,11 +1,12 @@
 """Task suites behind one functional interface, scripted experts and demonstration datasets.
 
-``import envs`` registers the env suite ``tabletop`` (``envs.get_suite``) and the gymnasium
+``import envs`` registers the env suites ``tabletop`` and ``maniskill`` (``envs.get_suite``;
+ManiSkill3 is an optional extra, ``envs.maniskill``) and the gymnasium
 ids ``steerlab/Reach-v0``, ``steerlab/Push-v0``, ``steerlab/PickPlace-v0`` and
 ``steerlab/Sort-v0``.
 """
 
-from envs import experts
+from envs import experts, maniskill
 from envs.base import ACTION_DIM, IMAGE_SIZE, EnvSpec, FunctionalEnv
 from envs.gym_env import GYM_IDS, TabletopGymEnv, register  # noqa: E402  (after make)
 from envs.language import COLOURS, INSTRUCTION_LEN, VOCAB, decode_instruction, tokenize
@@ -15,6 +16,9 @@ from envs.tabletop_world import STATE_DIM, TabletopState
 
 register()
 register_suite(EnvSuite("tabletop", make, TASKS, VARIANTS, experts=experts))
+# ManiSkill3 (optional extra): registered always, imported only when an env is made
+register_suite(EnvSuite("maniskill", maniskill.make, tuple(maniskill.TASKS), maniskill.VARIANTS,
+                        jittable=False))
 
 __all__ = [
     "ACTION_DIM",

@@ -49,7 +49,8 @@ class EvalConfig:
     max_steps: int = 0
     """episode time limit; 0 takes the task's default"""
     annotate_oracle: bool = True
-    """also score every candidate with the simulator oracle to record the chosen-vs-best gap"""
+    """also score every candidate with the simulator oracle to record the chosen-vs-best gap
+    (on a suite with pure-JAX envs; a host-stepped simulator has no copyable state)"""
     classify_modes: bool = True
     """classify each executed chunk by its nearest scripted-expert mode, and (M > 2) record the
     Spearman rho between the verifier's scores and the candidates' L2 distance to the pi* chunk"""
@@ -60,6 +61,12 @@ class EvalConfig:
     a Gaussian fitted to proposal_samples policy samples; ``policies.proposals``)"""
     proposal_samples: int = 4
     """N̂, the policy samples the gaussian proposal fits"""
+    host_envs: int = 8
+    """a host-stepped suite (a simulator, ``envs.host``): environments stepped together, each
+    decision one vmapped call for all of them"""
+    host_workers: int = 0
+    """a host-stepped suite: worker processes the environments are spread over (0: in this
+    process)"""
 
     def validate(self, horizon: int | None = None) -> None:
         if self.M < 1:
@@ -68,6 +75,11 @@ class EvalConfig:
             raise ValueError(f"eval.episodes must be >= 1, got {self.episodes}")
         if self.replan < 1:
             raise ValueError(f"eval.replan must be >= 1, got {self.replan}")
+        if self.host_envs < 1:
+            raise ValueError(f"eval.host_envs must be >= 1, got {self.host_envs}")
+        if not 0 <= self.host_workers <= self.host_envs:
+            raise ValueError(f"eval.host_workers must be in [0, eval.host_envs="
+                             f"{self.host_envs}], got {self.host_workers}")
         if horizon is not None and self.replan > horizon:
             raise ValueError(
                 f"eval.replan must be <= the policy's chunk length H={horizon}, got {self.replan}"

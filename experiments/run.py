@@ -16,6 +16,7 @@ from algos.registry import ADAPTERS, make_adapter
 from core.config import to_dict
 from core.io import write_json, write_npz, write_text
 from envs import get_suite
+from envs.host import HostDriver
 from envs.mixture import time_limit
 from experiments.config import RunConfig, load_run_config, plugin_options
 from experiments.harness import (
@@ -25,6 +26,7 @@ from experiments.harness import (
     time_learner,
     time_phases,
 )
+from experiments.host_loop import evaluate_host
 from experiments.scaling import scaling_study
 from policies import load_policy
 from policies.base import reads_images
@@ -74,7 +76,7 @@ def build_setup(cfg: RunConfig, env, policy, verifier, adapter=None) -> Setup:
                          "autoregressive)")
     check_proposal(cfg.eval.proposal, policy, verifier.requires)
     oracle = (make_verifier("oracle_sim", BuildContext(env=env, replan=cfg.eval.replan))
-              if cfg.eval.annotate_oracle else None)
+              if cfg.eval.annotate_oracle and get_suite(cfg.suite).jittable else None)
     needs_expert = cfg.eval.classify_modes or "expert_chunk" in verifier.requires
     if "expert_chunk" in verifier.requires and experts is None:
         raise ValueError(f"verifier {verifier.name!r} needs expert chunks, which suite "
@@ -114,12 +116,18 @@ def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = 
     setup = build_setup(cfg, env, policy, make_verifier_for(cfg, env, policy, verifier_dir),
                         make_adapter_for(cfg, env, policy, adapter_dir))
     vstate, astate = setup.verifier.state, setup.adapter.state
+    jittable = get_suite(cfg.suite).jittable
     t0 = time.perf_counter()
-    records = evaluate_compiled(setup, params, vstate, astate)
+    if jittable:
+        records = evaluate_compiled(setup, params, vstate, astate)
+    else:  # a simulator stepped on the host, host_envs at a time
+        with HostDriver(env.factory, num_envs=min(cfg.eval.host_envs, cfg.eval.episodes),
+                        workers=min(cfg.eval.host_workers, cfg.eval.episodes)) as driver:
+            records = evaluate_host(setup, driver, params, vstate, astate)
     eval_s = time.perf_counter() - t0
     metrics = summarize(records, setup.expert.MODES[cfg.task] if setup.expert else ())
     metrics["eval_s"] = eval_s
-    if cfg.eval.timing_decisions:
+    if cfg.eval.timing_decisions and jittable:  # the per-phase pass steps a functional env
         metrics.update(time_phases(setup, params, vstate, cfg.eval.timing_decisions, astate))
     if learns(setup.adapter):
         metrics.update(time_learner(setup.adapter, astate))

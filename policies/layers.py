@@ -232,11 +232,11 @@ def embed_flops(width, state_dim, image, image_size, patch_size) -> int:
 
 
 def fill_sizes(cfg, spec):
-    """Size fields left at 0 take the env spec's value."""
+    """Size fields left at 0 take the env spec's value; the action dim is always the env's."""
     pairs = {"state_dim": spec.state_dim, "instruction_len": spec.instruction_len,
-             "vocab_size": spec.vocab_size, "num_tasks": spec.num_tasks,
-             "action_dim": spec.action_dim}
+             "vocab_size": spec.vocab_size, "num_tasks": spec.num_tasks}
     upd = {k: v for k, v in pairs.items() if getattr(cfg, k) == 0}
+    upd["action_dim"] = spec.action_dim
     if hasattr(spec, "image") and not spec.image:
         upd["image"] = False
     if not cfg.state_groups and getattr(spec, "state_groups", ()):

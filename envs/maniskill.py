@@ -1,0 +1,181 @@
+"""ManiSkill3 tabletop tasks as the env suite ``maniskill`` (optional extra ``maniskill``).
+
+ManiSkill3 (mani-skill 3.0.1, SAPIEN 3.0.3) is a torch simulator, so it is stepped on the host
+(``jittable=False``): ``steerlab eval suite=maniskill task=PickCube-v1 ...`` runs the harness's
+jitted, vmapped decisions over ``eval.host_envs`` environments at a time through the batched
+host driver (``envs.host``), each environment a ``ManiSkillGymEnv``. The CPU backend allows one
+simulation per ``gym.make`` (``num_envs=1``); several of them live in one process or in
+``eval.host_workers`` worker processes.
+
+Observation dict (as the built-in suite's, ``envs.base``):
+    state        float32 [S]   ManiSkill's flattened ``obs_mode="state"`` vector (robot qpos,
+                               qvel, TCP pose, object and goal poses; S depends on the task)
+    instruction  int32   [L]   the task's instruction over this suite's vocabulary
+    task_id      int32   []    the task's index in ``TASKS``
+    time         float32 []    elapsed steps / the time limit
+``info["success"]`` is ManiSkill's; ``info["progress"]`` is its normalised dense reward in
+[0, 1] (1 on success), so dense-reward methods (TT-VLA) run here too. Actions are the control
+mode's normalised [-1, 1] vector (``pd_ee_delta_pose``: 6 end-effector deltas + gripper).
+
+Rendering needs a Vulkan device: Mesa >= 25's lavapipe (Debian bookworm-backports,
+``make setup-maniskill``). Camera observations are not exposed yet (``image=True`` is refused
+with the reason). A task whose assets would need a download fails at once
+(``MS_SKIP_ASSET_DOWNLOAD_PROMPT=1``): nothing can be downloaded here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from envs.base import EnvSpec
+from envs.language import INSTRUCTION_LEN
+
+# The tasks whose assets ship inside the mani-skill wheel, with an instruction each.
+TASKS: dict[str, str] = {
+    "PickCube-v1": "pick up the cube and move it to the goal",
+    "PushCube-v1": "push the cube to the goal",
+    "PullCube-v1": "pull the cube to the goal",
+    "StackCube-v1": "stack the red cube on the green cube",
+    "PegInsertionSide-v1": "insert the peg into the hole",
+}
+VARIANTS = ("nominal",)
+CONTROL_MODES = ("pd_ee_delta_pose", "pd_ee_delta_pos", "pd_joint_delta_pos", "pd_joint_pos")
+VOCAB = ("<pad>", *sorted({w for text in TASKS.values() for w in text.split()}))
+WORD_ID = {w: i for i, w in enumerate(VOCAB)}
+SETUP_HINT = ("install the maniskill extra and a Vulkan driver once: `make setup-maniskill` "
+              "(README)")
+
+
+def tokenize(text: str) -> np.ndarray:
+    """This suite's instruction -> int32 [INSTRUCTION_LEN], right-padded with 0."""
+    ids = np.zeros(INSTRUCTION_LEN, np.int32)
+    words = text.split()
+    ids[: len(words)] = [WORD_ID[w] for w in words]
+    return ids
+
+
+def _import_maniskill():
+    os.environ.setdefault("MS_SKIP_ASSET_DOWNLOAD_PROMPT", "1")  # fail at once, never prompt
+    try:
+        import gymnasium
+        import mani_skill.envs  # noqa: F401  (registers the ManiSkill ids with gymnasium)
+    except ImportError as e:
+        raise ImportError(f"suite maniskill needs mani-skill ({e}); {SETUP_HINT}") from None
+    return gymnasium
+
+
+def _check(task: str, control_mode: str, image: bool) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)} for suite 'maniskill', got {task!r}")
+    if control_mode not in CONTROL_MODES:
+        raise ValueError(f"control_mode must be one of {list(CONTROL_MODES)}, got "
+                         f"{control_mode!r}")
+    if image:
+        raise ValueError("suite maniskill: image observations are not exposed yet; run the "
+                         "policy on state (policy.flow.image=false)")
+
+
+class ManiSkillGymEnv:
+    """One ManiSkill3 environment with steerlab's observation dict and info; the gymnasium
+    reset/step signature the host driver expects. ``terminated`` = success, ``truncated`` = the
+    time limit. ``reset(options={"key": k})`` seeds ManiSkill from the jax key's data, so
+    episode i starts from the same state in every arm of a paired comparison."""
+
+    def __init__(self, task: str = "PickCube-v1", max_steps: int | None = None,
+                 control_mode: str = "pd_ee_delta_pose", image: bool = False):
+        _check(task, control_mode, image)
+        gym = _import_maniskill()
+        self.task, self.task_id = task, list(TASKS).index(task)
+        self.max_steps = max_steps or gym.spec(task).max_episode_steps
+        try:
+            self.env = gym.make(task, obs_mode="state", sim_backend="physx_cpu",
+                                control_mode=control_mode, render_backend="none",
+                                reward_mode="normalized_dense")
+        except RuntimeError as e:
+            if "rendering device" in str(e):
+                raise RuntimeError(f"suite maniskill: SAPIEN found no usable Vulkan device ({e});"
+                                   f" {SETUP_HINT}") from None
+            raise
+        self.instruction = tokenize(TASKS[task])
+        self.t = 0
+        self.nonfinite_actions = 0
+
+    def _obs(self, state) -> dict:
+        return {"state": np.asarray(state, np.float32).reshape(-1),
+                "instruction": self.instruction, "task_id": np.int32(self.task_id),
+                "time": np.float32(self.t / self.max_steps)}
+
+    def _info(self, info, progress) -> dict:
+        return {"success": bool(np.asarray(info["success"]).reshape(-1)[0]),
+                "progress": float(np.asarray(progress).reshape(-1)[0]),
+                "nonfinite_actions": self.nonfinite_actions}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if options and "key" in options:
+            seed = int(np.asarray(options["key"]).reshape(-1)[-1] % (2**31 - 1))
+        state, info = self.env.reset(seed=seed)
+        self.t, self.nonfinite_actions = 0, 0
+        import torch
+
+        zero = torch.zeros((1, *self.env.action_space.shape))
+        progress = self.env.unwrapped.compute_normalized_dense_reward(obs=state, action=zero,
+                                                                      info=info)
+        return self._obs(state), self._info(info, progress)
+
+    def step(self, action):
+        action = np.asarray(action, np.float32)
+        if action.shape != self.env.action_space.shape:
+            raise ValueError(f"action must have shape {self.env.action_space.shape} for "
+                             f"{self.task}, got {action.shape}")
+        if not np.all(np.isfinite(action)):  # no motion on that axis, counted per episode
+            self.nonfinite_actions += 1
+            action = np.nan_to_num(action, nan=0.0, posinf=0.0, neginf=0.0)
+        state, reward, _, _, info = self.env.step(np.clip(action, -1.0, 1.0))
+        self.t += 1
+        out = self._info(info, reward)
+        return self._obs(state), out["progress"], out["success"], \
+            self.t >= self.max_steps and not out["success"], out
+
+    def close(self) -> None:
+        self.env.close()
+
+
+@functools.cache
+def _dims(task: str, control_mode: str) -> tuple[int, int]:
+    """(state dim, action dim) of a task under a control mode, read from one environment."""
+    env = ManiSkillGymEnv(task, control_mode=control_mode)
+    try:
+        return int(env.reset(seed=0)[0]["state"].shape[0]), int(env.env.action_space.shape[0])
+    finally:
+        env.close()
+
+
+@dataclass(frozen=True)
+class ManiSkillSuiteEnv:
+    """What ``make`` returns: the spec policies size themselves from and a picklable factory
+    of environments for the host driver."""
+
+    spec: EnvSpec
+    control_mode: str
+
+    def factory(self) -> ManiSkillGymEnv:
+        return ManiSkillGymEnv(self.spec.task, self.spec.max_steps, self.control_mode)
+
+
+def make(task: str = "PickCube-v1", variant: str = "nominal", image: bool = False,
+         max_steps: int | None = None, control_mode: str = "pd_ee_delta_pose"
+         ) -> ManiSkillSuiteEnv:
+    _check(task, control_mode, image)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)} for suite 'maniskill', got "
+                         f"{variant!r}")
+    gym = _import_maniskill()
+    state_dim, action_dim = _dims(task, control_mode)
+    spec = EnvSpec(task=task, variant=variant, state_dim=state_dim, action_dim=action_dim,
+                   instruction_len=INSTRUCTION_LEN, vocab_size=len(VOCAB), num_tasks=len(TASKS),
+                   max_steps=max_steps or gym.spec(task).max_episode_steps, image=False)
+    return ManiSkillSuiteEnv(spec, control_mode)
