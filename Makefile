@@ -22,7 +22,9 @@ $(TEST_STAMP): $(STAMP)
 
 # ManiSkill3 (envs/maniskill.py): its extra, and a Vulkan driver SAPIEN accepts. Debian
 # bookworm's Mesa 22 lavapipe lacks descriptorBindingPartiallyBound, so SAPIEN finds no device;
-# Mesa 25 from bookworm-backports has it (see the README).
+# Mesa 25 from bookworm-backports has it (see the README). The motion planner behind its
+# demonstrations (mplib 0.1.1) segfaults under numpy 2, which JAX needs: it gets its own small
+# environment, .venv-mp, run as a subprocess (envs/maniskill_demos.py).
 $(MANISKILL_STAMP): $(TEST_STAMP)
 	echo "deb http://deb.debian.org/debian bookworm-backports main" \
 		| $(SUDO) tee /etc/apt/sources.list.d/bookworm-backports.list > /dev/null
@@ -30,6 +32,8 @@ $(MANISKILL_STAMP): $(TEST_STAMP)
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports \
 		mesa-vulkan-drivers libvulkan1 > /dev/null
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev,ray,vlm,maniskill]"
+	$(PY) -m venv .venv-mp
+	.venv-mp/bin/pip install -q torch==2.13.0 mani-skill==3.0.1 "numpy<2"
 	touch $(MANISKILL_STAMP)
 
 .PHONY: setup setup-maniskill quickstart test test-fast lint bench

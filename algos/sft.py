@@ -55,6 +55,9 @@ class TrainConfig:
     """flow policy config (used when policy = flow)"""
     autoregressive: ARConfig = field(default_factory=ARConfig)
     """token policy config (used when policy = autoregressive)"""
+    suite: str = "tabletop"
+    """the env suite the policy acts in (``envs.get_suite``): its spec sizes the policy; the
+    evaluation during training needs a pure-JAX suite and is skipped on a host-stepped one"""
     tasks: tuple[str, ...] = ("pick_place",)
     """tasks whose datasets are combined (the policy conditions on the instruction)"""
     datasets: tuple[str, ...] = ()
@@ -269,10 +272,12 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
     cfg.validate()
     pc = cfg.policy_config
     unsized = min(pc.state_dim, pc.instruction_len, pc.vocab_size, pc.num_tasks) == 0
-    if env is None and (cfg.eval_episodes > 0 or unsized):
-        import envs
+    import envs
 
-        env = envs.make(cfg.tasks[0], cfg.variant, image=pc.image)
+    suite = envs.get_suite(cfg.suite)
+    if env is None and (cfg.eval_episodes > 0 or unsized):
+        env = suite.make(cfg.tasks[0], cfg.variant, image=pc.image)
+    evaluating = cfg.eval_episodes > 0 and env is not None and suite.jittable
     if env is not None:
         cfg = resolve_config(cfg, env.spec)
     check_run_dir(run_dir, to_dict(cfg))
@@ -352,12 +357,13 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
                 loss = heldout_loss(deployed_params(cfg, state), heldout)
                 log_row(metrics_path, {"step": step, "heldout/loss": float(loss),
                                     "heldout/chunks": int(heldout["actions"].shape[0])})
-            if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step < cfg.steps:
+            if evaluating and cfg.eval_every > 0 and step % cfg.eval_every == 0 \
+                    and step < cfg.steps:
                 run_eval(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 ckpt.save(step, state)
     ckpt.close()
-    if step == cfg.steps and cfg.eval_episodes > 0 and env is not None:
+    if step == cfg.steps and evaluating:
         row = run_eval(step)
         log_row(metrics_path, {"step": step, "final": True, **{k: v for k, v in row.items()
                                                               if k != "step"}})

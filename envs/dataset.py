@@ -154,8 +154,8 @@ def regenerate_command(path: str, manifest: dict | None = None) -> str:
     when it could be read)."""
     m = manifest if isinstance(manifest, dict) else {}
     args = []
-    for flag, key in (("task", "task"), ("variant", "variant"), ("seed", "seed"),
-                      ("segment", "segment")):
+    for flag, key in (("suite", "suite"), ("task", "task"), ("variant", "variant"),
+                      ("seed", "seed"), ("segment", "segment")):
         if isinstance(m.get(key), str | int) and not isinstance(m.get(key), bool):
             args.append(f"--{flag} {m[key]}")
     episodes = m.get("counts", {}).get("episodes") if isinstance(m.get("counts"), dict) else None
@@ -268,8 +268,9 @@ def summarize(manifest: dict) -> str:
         f"task={manifest['task']} variant={manifest['variant']} seed={manifest['seed']} "
         f"image={manifest.get('image')} segment={manifest['segment']} mix={mix} "
         f"max_steps={manifest.get('max_steps', '-')}",
-        f"episodes={c['episodes']} steps={c['steps']} success={manifest['success_rate']:.3f} "
-        f"wrong_block={manifest['wrong_block_rate']:.3f}",
+        f"episodes={c['episodes']} steps={c['steps']} success={manifest['success_rate']:.3f}"
+        + (f" wrong_block={manifest['wrong_block_rate']:.3f}"
+           if "wrong_block_rate" in manifest else ""),
     ]
     sh = manifest["mode_shares"]
     lines.append("per-step mode shares at decision steps, by progress bin:")
@@ -282,6 +283,7 @@ def summarize(manifest: dict) -> str:
                      f"{p['targets']['failure_max']} in every bin): "
                      f"{'PASSED' if p['passed'] else 'NOT MET'} (pi* {p['pi_star_min']:.3f}-"
                      f"{p['pi_star_max']:.3f}, largest failure share {p['failure_max']:.3f})")
-    acc = ", ".join(f"{m} {v['accuracy']:.2f}" for m, v in manifest["label_accuracy"].items())
-    lines.append(f"mode classifier accuracy on these chunks: {acc}")
+    if "label_accuracy" in manifest:  # the built-in suite's mode classifier
+        acc = ", ".join(f"{m} {v['accuracy']:.2f}" for m, v in manifest["label_accuracy"].items())
+        lines.append(f"mode classifier accuracy on these chunks: {acc}")
     return "\n".join(lines)

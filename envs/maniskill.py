@@ -20,7 +20,8 @@ mode's normalised [-1, 1] vector (``pd_ee_delta_pose``: 6 end-effector deltas + 
 Rendering needs a Vulkan device: Mesa >= 25's lavapipe (Debian bookworm-backports,
 ``make setup-maniskill``). Camera observations are not exposed yet (``image=True`` is refused
 with the reason). A task whose assets would need a download fails at once
-(``MS_SKIP_ASSET_DOWNLOAD_PROMPT=1``): nothing can be downloaded here.
+(``MS_SKIP_ASSET_DOWNLOAD_PROMPT=1``): nothing can be downloaded here. Demonstrations:
+``envs.maniskill_demos``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ TASKS: dict[str, str] = {
     "StackCube-v1": "stack the red cube on the green cube",
     "PegInsertionSide-v1": "insert the peg into the hole",
 }
+# Time limits at the pace of the motion-planned demonstrations (``envs.maniskill_demos``: the
+# plans take 65-154 steps, hesitant segments and the end-effector replay's lag add to that), not
+# ManiSkill's RL defaults (50; PegInsertionSide 100).
+TIME_LIMITS = {"PickCube-v1": 150, "PushCube-v1": 150, "PullCube-v1": 150, "StackCube-v1": 200,
+               "PegInsertionSide-v1": 300}
 VARIANTS = ("nominal",)
 CONTROL_MODES = ("pd_ee_delta_pose", "pd_ee_delta_pos", "pd_joint_delta_pos", "pd_joint_pos")
 VOCAB = ("<pad>", *sorted({w for text in TASKS.values() for w in text.split()}))
@@ -90,11 +96,11 @@ class ManiSkillGymEnv:
         _check(task, control_mode, image)
         gym = _import_maniskill()
         self.task, self.task_id = task, list(TASKS).index(task)
-        self.max_steps = max_steps or gym.spec(task).max_episode_steps
+        self.max_steps = max_steps or TIME_LIMITS[task]
         try:
             self.env = gym.make(task, obs_mode="state", sim_backend="physx_cpu",
                                 control_mode=control_mode, render_backend="none",
-                                reward_mode="normalized_dense")
+                                reward_mode="normalized_dense", max_episode_steps=self.max_steps)
         except RuntimeError as e:
             if "rendering device" in str(e):
                 raise RuntimeError(f"suite maniskill: SAPIEN found no usable Vulkan device ({e});"
@@ -116,7 +122,8 @@ class ManiSkillGymEnv:
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if options and "key" in options:
-            seed = int(np.asarray(options["key"]).reshape(-1)[-1] % (2**31 - 1))
+            k = np.asarray(options["key"]).reshape(-1).astype(np.uint64)
+            seed = int((k[0] * 2**32 + k[-1]) % (2**31 - 1))  # both words of a PRNGKey
         state, info = self.env.reset(seed=seed)
         self.t, self.nonfinite_actions = 0, 0
         import torch
@@ -173,9 +180,8 @@ def make(task: str = "PickCube-v1", variant: str = "nominal", image: bool = Fals
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {list(VARIANTS)} for suite 'maniskill', got "
                          f"{variant!r}")
-    gym = _import_maniskill()
     state_dim, action_dim = _dims(task, control_mode)
     spec = EnvSpec(task=task, variant=variant, state_dim=state_dim, action_dim=action_dim,
                    instruction_len=INSTRUCTION_LEN, vocab_size=len(VOCAB), num_tasks=len(TASKS),
-                   max_steps=max_steps or gym.spec(task).max_episode_steps, image=False)
+                   max_steps=max_steps or TIME_LIMITS[task], image=False)
     return ManiSkillSuiteEnv(spec, control_mode)

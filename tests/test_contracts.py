@@ -7,6 +7,7 @@ keep its tiny fit short."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -96,9 +97,30 @@ def test_policy_contract(name, policies, env, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(envs.SUITES))
 def test_env_suite_contract(name):
+    """A pure-JAX suite's functional reset/step, or a host-stepped suite's environments (what
+    its ``factory`` makes: gymnasium's signature, reset by the episode key)."""
     suite = envs.get_suite(name)
-    env = suite.make(suite.tasks[0], suite.variants[0], image=False, max_steps=8)
+    try:
+        env = suite.make(suite.tasks[0], suite.variants[0], image=False, max_steps=8)
+    except ImportError:
+        if os.environ.get("CI"):  # CI installs every simulator extra
+            raise
+        pytest.skip(f"suite {name}'s optional extra is not installed")
     spec = env.spec
+    if not suite.jittable:
+        one = env.factory()
+        try:
+            obs, info = one.reset(options={"key": KEY})
+            assert obs["state"].shape == (spec.state_dim,)
+            assert obs["instruction"].shape == (spec.instruction_len,)
+            assert {"success", "progress"} <= set(info)
+            obs2, reward, terminated, truncated, info = one.step(np.zeros(spec.action_dim))
+            assert {"success", "progress"} <= set(info) and isinstance(terminated, bool)
+            np.testing.assert_array_equal(one.reset(options={"key": KEY})[0]["state"],
+                                          obs["state"])
+        finally:
+            one.close()
+        return
     reset, traces = counted_jit(env.reset)
     state, obs = reset(KEY)
     assert obs["state"].shape == (spec.state_dim,)

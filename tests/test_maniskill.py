@@ -28,7 +28,7 @@ def suite_env():
 
 def test_observation_info_and_paired_resets(suite_env):
     spec = suite_env.spec
-    assert (spec.state_dim, spec.action_dim, spec.max_steps) == (42, 7, 50)
+    assert (spec.state_dim, spec.action_dim, spec.max_steps) == (42, 7, 150)
     env = suite_env.factory()
     try:
         obs, info = env.reset(options={"key": jax.random.PRNGKey(3)})
@@ -43,7 +43,7 @@ def test_observation_info_and_paired_resets(suite_env):
         for _ in range(3):
             moved, reward, terminated, truncated, info = env.step(np.full(7, 0.5))
             assert reward == info["progress"] and not truncated
-        assert float(moved["time"]) == pytest.approx(3 / 50)
+        assert float(moved["time"]) == pytest.approx(3 / 150)
         assert not np.array_equal(moved["state"], other["state"])  # the robot moved
         env.step(np.array([np.nan, 0, 0, 0, 0, 0, 0]))
         assert env.step(np.zeros(7))[4]["nonfinite_actions"] == 1
@@ -88,3 +88,46 @@ def test_the_harness_through_the_host_driver(suite_env, tmp_path):
     assert [r["length"] for r in results[0]] == [8, 8, 8]  # an untrained policy: time limit
     assert all(0.0 <= r["progress"] <= 1.0 for r in results[0])
     assert results[0] == results[1]
+
+
+def test_motion_planned_demonstrations_and_a_policy_sized_from_them(suite_env, tmp_path):
+    """``steerlab demos --suite maniskill``: π* alone (the motion-planning solution, replayed
+    in the policy's control mode) succeeds; a mixture records its modes per step; the dataset
+    loads and a policy trains on it, sized from the suite's spec."""
+    from envs.dataset import load_demos
+    from experiments.cli import main
+    from policies import load_policy
+
+    assert main(["demos", "--suite", "maniskill", "--task", "PickCube-v1", "--episodes", "3",
+                 "--mix", "optimal=1", "--out", str(tmp_path / "pi_star")]) == 0
+    pi_star = load_demos(str(tmp_path / "pi_star"))
+    assert pi_star.episodes["success"].all() and (pi_star.steps["mode"] == 0).all()
+    assert main(["demos", "--suite", "maniskill", "--task", "PickCube-v1", "--episodes", "4",
+                 "--seed", "1", "--mix", "optimal=0.5,hesitant=0.5", "--out",
+                 str(tmp_path / "mix")]) == 0
+    mix = load_demos(str(tmp_path / "mix"))
+    assert set(np.unique(mix.steps["mode"])) == {0, 1}
+    assert mix.manifest["modes"] == ["optimal", "hesitant", "noisy", "release"]
+    assert mix.steps["action"].shape[1] == 7 and np.abs(mix.steps["action"]).max() <= 1.0
+    np.testing.assert_array_equal(mix.steps["decision"], mix.steps["t"] % 4 == 0)
+    assert main(["train-policy", "--out", str(tmp_path / "policy"), "suite=maniskill",
+                 "tasks=[PickCube-v1]", f"datasets=[{tmp_path / 'mix'}]", "steps=4",
+                 "steps_per_call=2", "log_every=2", "checkpoint_every=4", "heldout_every=0",
+                 "policy=flow", "flow.width=32", "flow.depth=1", "flow.heads=2",
+                 "flow.expert_width=16", "flow.expert_heads=2", "flow.num_steps=2",
+                 "flow.horizon=4"]) == 0
+    policy, _ = load_policy(str(tmp_path / "policy"))
+    assert (policy.cfg.state_dim, policy.cfg.action_dim) == (42, 7)
+
+
+def test_demonstration_input_is_checked(monkeypatch, tmp_path):
+    from envs.maniskill_demos import mp_python, parse_mix
+
+    with pytest.raises(ValueError, match="unknown modes"):
+        parse_mix("optimal=0.5,wobbly=0.5")
+    with pytest.raises(ValueError, match="neither a mixture name"):
+        parse_mix("counter_premise")
+    assert parse_mix("premise")["optimal"] == pytest.approx(0.7)
+    monkeypatch.setenv("STEERLAB_MP_PYTHON", str(tmp_path / "no_python"))
+    with pytest.raises(FileNotFoundError, match="make setup-maniskill"):
+        mp_python()
