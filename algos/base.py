@@ -29,9 +29,10 @@ update the learner); ``steer`` changes how the M candidates are sampled
 (``policy.sample_steered``: a flow policy's initial-noise mean, the autoregressive policy's
 low-rank head update), which the verifier then ranks; ``after`` records the chosen candidate.
 ``continual`` says whether the carry passes from one episode to the next (a stream) or every
-episode starts from ``begin``;
-a continual learner whose ``stream_states`` is true holds one state per stream (stacked on the
-first axis: each stream begins from its own, e.g. the adapters an earlier stream ended with).
+episode starts from ``begin``. A continual learner records its parameters after every episode
+as ``learner/params/NAME``, which an evaluation writes to ``ADAPTERS_FILE``; its config's
+``frozen_final(run_dir)`` deploys the streams' final adapters of such a run without learning,
+and then ``stream_states`` is true: the state is one per stream, stacked on the first axis.
 
 A plugin (``AdapterPlugin``) says how an adapter is configured, built and fitted; registering one
 (``algos.registry.register_adapter``) makes it available by name to the run config
@@ -95,6 +96,9 @@ class Adapter(Protocol):
 
     def act(self, astate: Any, obs: dict, context: Any, candidates: Candidates,
             index: jax.Array, key: jax.Array) -> jax.Array: ...
+
+
+ADAPTERS_FILE = "adapters.npz"  # a continual learner's parameters after every episode
 
 
 def learns(adapter: Any) -> bool:

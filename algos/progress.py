@@ -37,6 +37,7 @@ from flax.training.train_state import TrainState
 from core.checkpoint import restore_pytree, save_pytree
 from core.config import from_dict, to_dict
 from core.io import BadFileError, missing, read_json_object, write_json
+from core.stats import spearman
 from envs.experts import ALL_MODES
 
 KIND = "progress_estimator"  # written into estimator.json; load_progress checks it
@@ -254,32 +255,6 @@ def fit_progress(dataset, cfg: ProgressConfig = ProgressConfig(),
 
 # ---------------------------------------------------------------------------------------------
 # evaluation
-
-
-def rank_average(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of ``x`` [n], ties sharing the average of their ranks."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])  # first index of each tie group
-    ends = np.r_[starts[1:], len(xs)]
-    avg = 0.5 * (starts + ends - 1) + 1.0  # mean of ranks starts+1 .. ends
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat(avg, ends - starts)
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson on average ranks); NaN when either side is constant
-    or has fewer than two entries."""
-    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"spearman: shapes differ, {a.shape} vs {b.shape}")
-    if len(a) < 2:
-        return float("nan")
-    ra, rb = rank_average(a) - (len(a) + 1) / 2, rank_average(b) - (len(b) + 1) / 2
-    denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
-    return float(np.sum(ra * rb) / denom) if denom > 0 else float("nan")
 
 
 def mae(pred: np.ndarray, true: np.ndarray) -> float:

@@ -43,6 +43,7 @@ adapter.name=ttvla variant=dynamics ...`` against ``adapter.name=none``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -54,9 +55,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from algos.base import AdapterPlugin, BuildContext
+from algos.base import ADAPTERS_FILE, AdapterPlugin, BuildContext
+from algos.progress import load_progress, predict_progress
 from algos.registry import register_adapter
 from core.io import read_npz
+from policies.autoregressive import low_rank_logits
 
 RESETS = ("episode", "continual")
 PROGRESS = ("env", "learned")
@@ -106,6 +109,15 @@ class TTVLAConfig:
     learn: bool = True
     """false: act with the adapter as it is, no update (with ``init_from``: deploy a continual
     stream's final adapters, e.g. back on the unshifted task)"""
+
+    @property
+    def continual(self) -> bool:
+        return self.reset == "continual"
+
+    def frozen_final(self, run_dir: str) -> TTVLAConfig:
+        """This config deploying the final adapters of the continual run in ``run_dir`` (one
+        per stream), without learning."""
+        return dataclasses.replace(self, init_from=run_dir, learn=False)
 
     def validate(self) -> None:
         w = "adapter.ttvla"
@@ -193,12 +205,6 @@ def clipped_surrogate(log_prob: jax.Array, old_log_prob: jax.Array, advantage: j
     return -jnp.sum(w * obj) / jnp.maximum(w.sum(), 1.0)
 
 
-def head_delta(params: dict, hidden: jax.Array) -> jax.Array:
-    """The low-rank output-head update of the autoregressive policy: h D U, [..., D] -> [...,
-    bins]."""
-    return hidden @ params["down"] @ params["up"]
-
-
 def token_log_prob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """Sum of the tokens' log-probabilities: logits [..., T, bins], tokens [..., T] -> [...]."""
     logp = jax.nn.log_softmax(logits)
@@ -272,15 +278,17 @@ class TokenSteer:
         hidden = candidates.extras["token_hidden"][index]
         return {"tokens": candidates.extras["tokens"][index], "hidden": hidden,
                 "base_logits": candidates.extras["token_logits"][index]
-                - head_delta(params, hidden)}
+                - low_rank_logits(params, hidden)}
+
+    @staticmethod
+    def adapted_logits(params: dict, chosen: dict) -> jax.Array:
+        return chosen["base_logits"] + low_rank_logits(params, chosen["hidden"])
 
     def log_prob(self, params: dict, feats: jax.Array, chosen: dict) -> jax.Array:
-        return token_log_prob(chosen["base_logits"] + head_delta(params, chosen["hidden"]),
-                              chosen["tokens"])
+        return token_log_prob(self.adapted_logits(params, chosen), chosen["tokens"])
 
     def kl(self, params: dict, feats: jax.Array, chosen: dict) -> jax.Array:
-        return token_kl(chosen["base_logits"] + head_delta(params, chosen["hidden"]),
-                        chosen["base_logits"])
+        return token_kl(self.adapted_logits(params, chosen), chosen["base_logits"])
 
     def records(self, params: dict, feats: jax.Array) -> dict:
         return {}
@@ -325,7 +333,7 @@ class TTVLA:
 
     @property
     def continual(self) -> bool:
-        return self.cfg.reset == "continual"
+        return self.cfg.continual
 
     @property
     def streams(self) -> int:
@@ -362,8 +370,6 @@ class TTVLA:
         decision's noise mean. ``progress`` is the env's, or the learned estimator's at ``obs``."""
         i = self.cfg.interval
         if self.estimator is not None:
-            from algos.progress import predict_progress
-
             progress = predict_progress(self.estimator, obs)
         feats = self.features(context)
         # after the episode's end every buffered transition is invalid: no update (Adam's
@@ -451,9 +457,6 @@ def init_adapter(cfg: TTVLAConfig, head, down_dim: int, feature_dim: int) -> dic
     return params
 
 
-ADAPTERS_FILE = "adapters.npz"
-
-
 def load_stream_adapters(cfg: TTVLAConfig, like: dict) -> dict:
     """The last ``streams`` episodes' parameters of a continual run's ``adapters.npz`` (episode
     i belongs to stream i mod S, so they are the streams' final adapters, in stream order),
@@ -498,8 +501,6 @@ def _build(cfg: TTVLAConfig, ctx: BuildContext) -> TTVLA:
         state = load_stream_adapters(cfg, state)
     estimator = None
     if cfg.progress == "learned":
-        from algos.progress import load_progress
-
         estimator = load_progress(cfg.progress_dir)
     return TTVLA(cfg, head, state, policy.state_features, feature_dim, estimator)
 

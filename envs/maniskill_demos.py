@@ -22,6 +22,7 @@ import numpy as np
 from envs.dataset import save_dataset
 from envs.maniskill import SETUP_HINT, TASKS, TIME_LIMITS, tokenize
 from envs.mixture import bin_names, mode_shares_by_bin, premise_check, progress_bins
+from envs.mixture import parse_mix as parse_weights  # the syntax; the modes are this suite's
 
 MODES = ("optimal", "hesitant", "noisy", "release")  # the order of envs/maniskill_mp.py's
 # Weights per segment. A hesitant segment takes twice the steps, so per step (what a count
@@ -36,12 +37,11 @@ def parse_mix(mix: str | None) -> dict[str, float]:
     text = (mix or "premise").strip()
     if text in MIXTURES:
         weights = MIXTURES[text]
+    elif "=" in text:
+        weights = parse_weights(text)
     else:
-        try:
-            weights = {k.strip(): float(v) for k, v in (p.split("=") for p in text.split(","))}
-        except ValueError:
-            raise ValueError(f"mix: {text!r} is neither a mixture name {sorted(MIXTURES)} nor "
-                             "'mode=weight,...'") from None
+        raise ValueError(f"mix: {text!r} is neither a mixture name {sorted(MIXTURES)} nor "
+                         "'mode=weight,...'")
     unknown = sorted(set(weights) - set(MODES))
     if unknown:
         raise ValueError(f"mix: unknown modes {unknown}; suite maniskill's modes are "

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from algos.base import learns
+from algos.base import ADAPTERS_FILE, learns
 from algos.registry import ADAPTERS, make_adapter
 from core.config import to_dict
 from core.io import write_json, write_npz, write_text
@@ -139,7 +139,7 @@ def run_eval(cfg: RunConfig, policy_dir, verifier_dir, out_dir, verbose: bool = 
     learned = {k.removeprefix("learner/params/"): v for k, v in records.items()
                if k.startswith("learner/params/")}
     if learned:  # a continual learner's adapter after every episode (the streams' checkpoints)
-        write_npz(out / "adapters.npz", learned)
+        write_npz(out / ADAPTERS_FILE, learned)
     result = {"schema": RESULT_SCHEMA, "kind": "eval", "config": to_dict(cfg),
               "policy_dir": str(policy_dir), "metrics": metrics}
     for name, path in (("verifier_dir", verifier_dir), ("adapter_dir", adapter_dir)):
@@ -282,9 +282,9 @@ def adapt_online_cli(name: str, policy_dir: str, out: str, overrides: list[str])
     frozen = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, name="none"))
     arms = {"adapted": cfg, "frozen": frozen}
     options = plugin_options(cfg.adapter)
-    after = getattr(options, "reset", "") == "continual" and cfg.variant != "nominal"
+    after = getattr(options, "continual", False) and cfg.variant != "nominal"
     if after:  # the streams' final adapters, frozen, back on the unshifted task
-        kept = dataclasses.replace(options, init_from=str(Path(out) / "adapted"), learn=False)
+        kept = options.frozen_final(str(Path(out) / "adapted"))
         arms["after_nominal"] = dataclasses.replace(
             cfg, variant="nominal", adapter=dataclasses.replace(cfg.adapter, **{name: kept}))
         arms["nominal_frozen"] = dataclasses.replace(frozen, variant="nominal")

@@ -35,6 +35,11 @@ def tokenize_actions(actions: jax.Array, bins: int = 256) -> jax.Array:
     return jnp.clip(idx, 0, bins - 1).astype(jnp.int32)
 
 
+def low_rank_logits(delta: dict, hidden: jax.Array) -> jax.Array:
+    """A low-rank update of the output head's logits: h down up, [..., D] -> [..., bins]."""
+    return hidden @ delta["down"] @ delta["up"]
+
+
 def detokenize_actions(tokens: jax.Array, bins: int = 256) -> jax.Array:
     """i32 bin ids -> bin centres in [-1, 1]."""
     return -1.0 + (tokens.astype(jnp.float32) + 0.5) * (2.0 / bins)
@@ -192,7 +197,7 @@ class ARPolicy(ConfiguredPolicy):
                 params, tok, pos, cache_k, cache_v, context.k, context.v, context.mask,
                 method=ARNet.decode_step)
             if head_delta is not None:
-                logits = logits + h @ head_delta["down"] @ head_delta["up"]
+                logits = logits + low_rank_logits(head_delta, h)
             new = jax.random.categorical(k_step, logits / temp, axis=-1).astype(jnp.int32)
             return (cache_k, cache_v, new), (new, logits, h)
 

@@ -15,13 +15,12 @@ from algos.progress import (
     load_progress,
     mae,
     predict_progress,
-    rank_average,
     save_progress,
-    spearman,
     split_episodes,
     state_progress,
 )
 from core.io import BadFileError, MissingFileError, write_json
+from core.stats import rankdata, spearman
 from envs.dataset import Dataset, save_dataset
 
 SMALL = dict(width=64, depth=2, embed_dim=8, steps=1000, batch_size=128, lr=3e-3,
@@ -32,8 +31,8 @@ SMALL = dict(width=64, depth=2, embed_dim=8, steps=1000, batch_size=128, lr=3e-3
 
 
 def test_rank_average_shares_ranks_between_ties():
-    np.testing.assert_array_equal(rank_average(np.array([10, 20, 20, 5])), [2, 3.5, 3.5, 1])
-    np.testing.assert_array_equal(rank_average(np.array([7, 7, 7])), [2, 2, 2])
+    np.testing.assert_array_equal(rankdata(np.array([10, 20, 20, 5])), [2, 3.5, 3.5, 1])
+    np.testing.assert_array_equal(rankdata(np.array([7, 7, 7])), [2, 2, 2])
 
 
 def test_spearman_known_values():
