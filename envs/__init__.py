@@ -6,8 +6,9 @@ ids ``steerlab/Reach-v0``, ``steerlab/Push-v0``, ``steerlab/PickPlace-v0`` and
 ``steerlab/Sort-v0``.
 """
 
-from envs import experts, maniskill
+from envs import experts, maniskill, maniskill_demos
 from envs.base import ACTION_DIM, IMAGE_SIZE, EnvSpec, FunctionalEnv
+from envs.demos import write_demos
 from envs.gym_env import GYM_IDS, TabletopGymEnv, register  # noqa: E402  (after make)
 from envs.language import COLOURS, INSTRUCTION_LEN, VOCAB, decode_instruction, tokenize
 from envs.registry import SUITES, EnvSuite, get_suite, register_suite
@@ -15,10 +16,11 @@ from envs.tabletop import DEFAULT_MAX_STEPS, REWARDS, TASKS, VARIANTS, TabletopE
 from envs.tabletop_world import STATE_DIM, TabletopState
 
 register()
-register_suite(EnvSuite("tabletop", make, TASKS, VARIANTS, experts=experts))
+register_suite(EnvSuite("tabletop", make, TASKS, VARIANTS, experts=experts,
+                        write_demos=write_demos))
 # ManiSkill3 (optional extra): registered always, imported only when an env is made
 register_suite(EnvSuite("maniskill", maniskill.make, tuple(maniskill.TASKS), maniskill.VARIANTS,
-                        jittable=False))
+                        jittable=False, write_demos=maniskill_demos.write_maniskill_demos))
 
 __all__ = [
     "ACTION_DIM",

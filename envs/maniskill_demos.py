@@ -63,9 +63,12 @@ def mp_python() -> str:
 
 
 def write_maniskill_demos(task: str, episodes: int, mix: str | None, seed: int, out_dir: str,
-                          segment: int = 4, noise: float = 0.05, settle: int = 30) -> dict:
+                          variant: str = "nominal", segment: int = 4, noise: float = 0.05,
+                          settle: int = 30) -> dict:
     """Motion-planned episodes of ``task`` with a mode per ``segment`` planned actions drawn
     from ``mix`` -> the dataset's manifest (written through a temporary sibling)."""
+    if variant != "nominal":
+        raise ValueError(f"variant: suite maniskill has only 'nominal', got {variant!r}")
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)} for suite 'maniskill', got {task!r}")
     if episodes < 1:

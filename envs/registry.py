@@ -30,6 +30,9 @@ class EnvSuite:
     None for a suite without them: the harness then records no expert probes"""
     jittable: bool = True
     """reset/step are pure JAX (compiled evaluation); False: the host driver steps it"""
+    write_demos: Callable[..., dict] | None = None
+    """write_demos(task, episodes, mix, seed, out_dir, variant=, segment=) -> manifest: the
+    suite's demonstration writer (``steerlab demos --suite NAME``), or None"""
 
     def validate(self, task: str, variant: str) -> None:
         if task not in self.tasks:

@@ -17,22 +17,14 @@ def _print_json(data: dict, path: str | None) -> None:
 
 
 def cmd_demos(args) -> None:
+    from envs import get_suite
     from envs.dataset import summarize
 
-    if args.suite == "maniskill":  # motion-planned, in its own environment (numpy < 2)
-        from envs.maniskill_demos import write_maniskill_demos
-
-        if args.variant != "nominal":
-            raise ValueError(f"--variant: suite maniskill has only 'nominal', got "
-                             f"{args.variant!r}")
-        manifest = write_maniskill_demos(args.task, args.episodes, args.mix or None, args.seed,
-                                         args.out, segment=args.segment)
-    else:
-        from envs.demos import write_demos
-
-        manifest = write_demos(args.task, args.episodes, args.mix or None, args.seed, args.out,
-                               variant=args.variant, segment=args.segment)
-    print(summarize(manifest))
+    write = get_suite(args.suite).write_demos
+    if write is None:
+        raise ValueError(f"--suite: suite {args.suite!r} has no demonstration writer")
+    print(summarize(write(args.task, args.episodes, args.mix or None, args.seed, args.out,
+                          variant=args.variant, segment=args.segment)))
 
 
 def cmd_train_policy(args) -> None:
@@ -176,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_quickstart)
 
     s = sub.add_parser("demos", help="write a scripted-expert demonstration dataset")
-    s.add_argument("--suite", default="tabletop", choices=("tabletop", "maniskill"),
-                   help="tabletop (scripted experts) or maniskill (motion planning)")
+    s.add_argument("--suite", default="tabletop", help="a registered env suite (tabletop: "
+                   "scripted experts; maniskill: motion planning)")
     s.add_argument("--task", default="pick_place")
     s.add_argument("--variant", default="nominal")
     s.add_argument("--episodes", type=int, default=1000)
