@@ -26,6 +26,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -64,6 +65,11 @@ class TrainConfig:
     """one demonstration path per task"""
     variant: str = "nominal"
     """env variant used for evaluation"""
+    normalize: bool = False
+    """standardise states and actions with the training chunks' mean and std (flow policy; the
+    statistics are stored in its config): for simulator states in mixed units (positions,
+    joint velocities) and actions whose spread is far from the flow's unit noise. The built-in
+    suite's states and actions are already in [0, 1] and [-1, 1]"""
     steps: int = 4000
     """updates (about 5.4 epochs of the default dataset): the default pick_place policy's
     held-out chunk loss is at its minimum by then and rises slowly after (over-fitting)"""
@@ -122,6 +128,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.heldout must be in [0, 0.5), got {self.heldout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.normalize and self.policy != "flow":
+            raise ValueError("TrainConfig.normalize is for the flow policy (the "
+                             "autoregressive policy bins actions in [-1, 1])")
         if self.eval_replan > self.policy_config.horizon:
             raise ValueError(f"TrainConfig.eval_replan ({self.eval_replan}) must be <= the "
                              f"policy horizon ({self.policy_config.horizon})")
@@ -280,11 +289,15 @@ def train_policy(cfg: TrainConfig, run_dir: str, *, data: dict | None = None, en
     evaluating = cfg.eval_episodes > 0 and env is not None and suite.jittable
     if env is not None:
         cfg = resolve_config(cfg, env.spec)
-    check_run_dir(run_dir, to_dict(cfg))
     where = "the training data" if data is not None else f"datasets {list(dataset_paths(cfg))}"
     if data is None:
         data = load_data(cfg)
     data, heldout = split_heldout(dict(data))
+    if cfg.normalize and not cfg.flow.state_mean:  # statistics given in the config are kept
+        valid = np.asarray(data["valid"], bool)
+        cfg = dataclasses.replace(cfg, flow=cfg.flow.with_statistics(
+            data["obs"]["state"], np.asarray(data["actions"])[valid]))
+    check_run_dir(run_dir, to_dict(cfg))
     policy = make_policy(cfg.policy, cfg.policy_config)
     tx = make_optimizer(cfg)
     state = init_state(policy, cfg, tx, init_params)

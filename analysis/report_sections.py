@@ -198,31 +198,44 @@ def _verifier_name(rec: dict) -> str:
     return str(vcfg.get("name", "?"))
 
 
+def _run_args(rec: dict) -> str:
+    """The suite and task a result ran on, as eval arguments ("" for the defaults)."""
+    cfg = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    suite, task = cfg.get("suite", "tabletop"), cfg.get("task", "pick_place")
+    return "" if (suite, task) == ("tabletop", "pick_place") else f"suite={suite} task={task}"
+
+
 def locations(records: list[dict]) -> list[dict]:
     """Per policy directory (resolved where found; "" when a verifier names none): the
-    (verifier_dir, verifier name) pairs the results evaluated it with."""
+    (verifier_dir, verifier name) pairs the results evaluated it with, and the suite and task
+    they ran on (``run_args``)."""
     out: dict[str, dict[str, str]] = {}
+    args: dict[str, str] = {}
     for rec in records:
         p, vd = rec.get("policy_dir"), rec.get("verifier_dir")
         policy = _shown(p, rec.get("path")) if isinstance(p, str) and p else ""
         if policy:
             out.setdefault(policy, {})
+        args.setdefault(policy, _run_args(rec))
         if isinstance(vd, str) and vd:
             out.setdefault(policy, {}).setdefault(_shown(vd, rec.get("path")), _verifier_name(rec))
-    return [{"policy_dir": p, "verifiers": list(v.items())} for p, v in out.items()]
+    return [{"policy_dir": p, "verifiers": list(v.items()), "run_args": args.get(p, "")}
+            for p, v in out.items()]
 
 
-def reuse_commands(policy: str, verifiers: list[tuple[str, str]]) -> list[str]:
-    """Shell commands that evaluate and benchmark with a policy (and its fitted verifiers)."""
+def reuse_commands(policy: str, verifiers: list[tuple[str, str]], run_args: str = "") -> list[str]:
+    """Shell commands that evaluate and benchmark with a policy (and its fitted verifiers) on
+    the suite and task of ``run_args``."""
     p = shlex.quote(policy)
+    at = f" {run_args}" if run_args else ""
     if not verifiers:
-        return [f"steerlab eval --out runs/eval_{BASELINE}_M16 policy_dir={p} "
+        return [f"steerlab eval --out runs/eval_{BASELINE}_M16 policy_dir={p}{at} "
                 f"verifier.name={BASELINE} eval.M=16",
                 f"steerlab bench sampling --policy {p} --json bench_sampling.json"]
     cmds = []
     for vdir, name in verifiers:
         n = shlex.quote(name)
-        cmds += [f"steerlab eval --out runs/eval_{name}_M16 policy_dir={p} "
+        cmds += [f"steerlab eval --out runs/eval_{name}_M16 policy_dir={p}{at} "
                  f"verifier_dir={shlex.quote(vdir)} verifier.name={n} eval.M=16",
                  f"steerlab bench sampling --policy {p} --verifier {n} "
                  f"--json bench_sampling_{name}.json"]
@@ -240,7 +253,7 @@ def locations_section(locs: list[dict]) -> list[str]:
                   f"- verifier_dir ({name}): `{v}`" for v, name in loc["verifiers"]]
     lines.append("")
     cmds = [c for loc in locs if loc["policy_dir"]
-            for c in reuse_commands(loc["policy_dir"], loc["verifiers"])]
+            for c in reuse_commands(loc["policy_dir"], loc["verifiers"], loc["run_args"])]
     if cmds:
         lines += ["Reuse them (evaluate at another M; time sampling and scoring):", "", "```sh",
                   *cmds, "```", ""]

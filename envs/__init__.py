@@ -20,7 +20,8 @@ register_suite(EnvSuite("tabletop", make, TASKS, VARIANTS, experts=experts,
                         write_demos=write_demos))
 # ManiSkill3 (optional extra): registered always, imported only when an env is made
 register_suite(EnvSuite("maniskill", maniskill.make, tuple(maniskill.TASKS), maniskill.VARIANTS,
-                        jittable=False, write_demos=maniskill_demos.write_maniskill_demos))
+                        jittable=False, write_demos=maniskill_demos.write_maniskill_demos,
+                        bench=maniskill.bench))
 
 __all__ = [
     "ACTION_DIM",

@@ -45,6 +45,11 @@ class _Envs:
         return [_to_host(env.step(a)) if on else None
                 for env, a, on in zip(self.envs, actions, active, strict=True)]
 
+    def rollout_chunks(self, chunks: np.ndarray, active: np.ndarray, bonus: list) -> list:
+        """Each active env's candidate outcomes from its current state (``None`` elsewhere)."""
+        return [env.rollout_chunks(c, b) if on else None
+                for env, c, on, b in zip(self.envs, chunks, active, bonus, strict=True)]
+
     def close(self) -> None:
         for env in self.envs:
             env.close()
@@ -191,6 +196,17 @@ class HostDriver:
                 self._obs[j], reward[j], terminated[j], truncated[j], self._infos[j] = res
                 self.nonfinite_obs[j] += has_nonfinite(self._obs[j])
         return stack_obs(self._obs), reward, terminated, truncated, list(self._infos)
+
+    def rollout_chunks(self, chunks, active, success_bonus: float) -> np.ndarray:
+        """The simulator oracle on the host: every active env executes each of its candidate
+        chunks ``chunks`` [B, M, h, A] from its current state, which it then restores
+        (``env.rollout_chunks(chunks, success_bonus)``: progress after the chunk, plus
+        ``success_bonus`` if it succeeded). -> scores float32 [B, M], 0 for inactive envs."""
+        chunks, active = np.asarray(chunks, np.float32), np.asarray(active, bool)
+        out = self._call("rollout_chunks", [list(chunks), list(active),
+                                            [success_bonus] * self.num_envs])
+        return np.stack([np.zeros(chunks.shape[1], np.float32) if r is None
+                         else np.asarray(r, np.float32) for r in out])
 
     def close(self) -> None:
         """Stop workers (politely, then by force); safe to call twice."""

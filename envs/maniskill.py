@@ -13,13 +13,16 @@ Observation dict (as the built-in suite's, ``envs.base``):
     instruction  int32   [L]   the task's instruction over this suite's vocabulary
     task_id      int32   []    the task's index in ``TASKS``
     time         float32 []    elapsed steps / the time limit
+    image        uint8 [128, 128, 3]  (``image=True``) the task's first camera (``base_camera``)
 ``info["success"]`` is ManiSkill's; ``info["progress"]`` is its normalised dense reward in
 [0, 1] (1 on success), so dense-reward methods (TT-VLA) run here too. Actions are the control
 mode's normalised [-1, 1] vector (``pd_ee_delta_pose``: 6 end-effector deltas + gripper).
 
-Rendering needs a Vulkan device: Mesa >= 25's lavapipe (Debian bookworm-backports,
-``make setup-maniskill``). Camera observations are not exposed yet (``image=True`` is refused
-with the reason). A task whose assets would need a download fails at once
+SAPIEN wants a usable Vulkan device even for state-only physics: Mesa >= 25's lavapipe (Debian
+bookworm-backports, ``make setup-maniskill``), on which ``image=True`` also renders the camera
+(on the CPU, about a tenth of the state-only step rate: ``steerlab bench env --suite
+maniskill``). Without one, making an env fails with that reason. A task whose assets would
+need a download fails at once
 (``MS_SKIP_ASSET_DOWNLOAD_PROMPT=1``): nothing can be downloaded here. Demonstrations:
 ``envs.maniskill_demos``.
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,15 +78,12 @@ def _import_maniskill():
     return gymnasium
 
 
-def _check(task: str, control_mode: str, image: bool) -> None:
+def _check(task: str, control_mode: str) -> None:
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)} for suite 'maniskill', got {task!r}")
     if control_mode not in CONTROL_MODES:
         raise ValueError(f"control_mode must be one of {list(CONTROL_MODES)}, got "
                          f"{control_mode!r}")
-    if image:
-        raise ValueError("suite maniskill: image observations are not exposed yet; run the "
-                         "policy on state (policy.flow.image=false)")
 
 
 class ManiSkillGymEnv:
@@ -93,27 +94,42 @@ class ManiSkillGymEnv:
 
     def __init__(self, task: str = "PickCube-v1", max_steps: int | None = None,
                  control_mode: str = "pd_ee_delta_pose", image: bool = False):
-        _check(task, control_mode, image)
+        _check(task, control_mode)
         gym = _import_maniskill()
-        self.task, self.task_id = task, list(TASKS).index(task)
+        self.task, self.task_id, self.image = task, list(TASKS).index(task), image
         self.max_steps = max_steps or TIME_LIMITS[task]
         try:
+            # state observations in both cases; the camera is rendered on top (``_camera``)
             self.env = gym.make(task, obs_mode="state", sim_backend="physx_cpu",
-                                control_mode=control_mode, render_backend="none",
+                                control_mode=control_mode,
+                                render_backend="cpu" if image else "none",
                                 reward_mode="normalized_dense", max_episode_steps=self.max_steps)
         except RuntimeError as e:
-            if "rendering device" in str(e):
-                raise RuntimeError(f"suite maniskill: SAPIEN found no usable Vulkan device ({e});"
-                                   f" {SETUP_HINT}") from None
+            if "rendering device" in str(e) or "physical device" in str(e):
+                need = ("image observations need a Vulkan device to render" if image else
+                        "SAPIEN wants a Vulkan device even for state-only physics")
+                raise RuntimeError(f"suite maniskill: {need}, and none is usable ({e}); "
+                                   f"{SETUP_HINT}") from None
             raise
         self.instruction = tokenize(TASKS[task])
         self.t = 0
         self.nonfinite_actions = 0
 
     def _obs(self, state) -> dict:
-        return {"state": np.asarray(state, np.float32).reshape(-1),
-                "instruction": self.instruction, "task_id": np.int32(self.task_id),
-                "time": np.float32(self.t / self.max_steps)}
+        obs = {"state": np.asarray(state, np.float32).reshape(-1),
+               "instruction": self.instruction, "task_id": np.int32(self.task_id),
+               "time": np.float32(self.t / self.max_steps)}
+        if self.image:
+            obs["image"] = self._camera()
+        return obs
+
+    def _camera(self) -> np.ndarray:
+        """The first camera's RGB frame, uint8 [128, 128, 3] (ManiSkill's sensor capture)."""
+        u = self.env.unwrapped
+        u.scene.update_render()
+        u.capture_sensor_data()
+        frames = u.get_sensor_images()
+        return np.asarray(next(iter(frames.values()))["rgb"][0], np.uint8)
 
     def _info(self, info, progress) -> dict:
         return {"success": bool(np.asarray(info["success"]).reshape(-1)[0]),
@@ -147,6 +163,27 @@ class ManiSkillGymEnv:
         return self._obs(state), out["progress"], out["success"], \
             self.t >= self.max_steps and not out["success"], out
 
+    def rollout_chunks(self, chunks: np.ndarray, success_bonus: float) -> np.ndarray:
+        """The simulator oracle (``oracle_sim`` on the host): each chunk [M, h, A] executed
+        from the current state, which is saved and restored around each (ManiSkill's state
+        dict: every actor's and articulation's pose and velocity, and the step counter) ->
+        progress after the chunk + ``success_bonus`` if it succeeded (stopping there), [M]."""
+        u = self.env.unwrapped
+        saved, elapsed = u.get_state_dict(), u._elapsed_steps.clone()
+        scores = np.zeros(len(chunks), np.float32)
+        for m, chunk in enumerate(np.clip(np.nan_to_num(np.asarray(chunks, np.float32)), -1, 1)):
+            u.set_state_dict(saved)
+            u._elapsed_steps[:] = elapsed
+            for action in chunk:
+                _, reward, _, _, info = self.env.step(action)
+                success = bool(np.asarray(info["success"]).reshape(-1)[0])
+                scores[m] = float(np.asarray(reward).reshape(-1)[0]) + success_bonus * success
+                if success:
+                    break
+        u.set_state_dict(saved)
+        u._elapsed_steps[:] = elapsed
+        return scores
+
     def close(self) -> None:
         self.env.close()
 
@@ -170,18 +207,45 @@ class ManiSkillSuiteEnv:
     control_mode: str
 
     def factory(self) -> ManiSkillGymEnv:
-        return ManiSkillGymEnv(self.spec.task, self.spec.max_steps, self.control_mode)
+        return ManiSkillGymEnv(self.spec.task, self.spec.max_steps, self.control_mode,
+                               self.spec.image)
 
 
 def make(task: str = "PickCube-v1", variant: str = "nominal", image: bool = False,
          max_steps: int | None = None, control_mode: str = "pd_ee_delta_pose"
          ) -> ManiSkillSuiteEnv:
-    _check(task, control_mode, image)
+    _check(task, control_mode)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {list(VARIANTS)} for suite 'maniskill', got "
                          f"{variant!r}")
     state_dim, action_dim = _dims(task, control_mode)
     spec = EnvSpec(task=task, variant=variant, state_dim=state_dim, action_dim=action_dim,
                    instruction_len=INSTRUCTION_LEN, vocab_size=len(VOCAB), num_tasks=len(TASKS),
-                   max_steps=max_steps or TIME_LIMITS[task], image=False)
+                   max_steps=max_steps or TIME_LIMITS[task], image=image)
     return ManiSkillSuiteEnv(spec, control_mode)
+
+
+def bench(tasks: tuple[str, ...] = tuple(TASKS), steps: int = 100, seed: int = 0) -> dict:
+    """Per task, with state and with image observations: seconds to make and reset one env,
+    and steps/s over ``steps`` random actions (one env in this process)."""
+    rows = {}
+    for task in tasks:
+        row = {}
+        for kind, image in (("state", False), ("image", True)):
+            t0 = time.perf_counter()
+            env = ManiSkillGymEnv(task, image=image)
+            obs, _ = env.reset(seed=seed)
+            made = time.perf_counter() - t0
+            rng = np.random.default_rng(seed)
+            actions = rng.uniform(-1, 1, (steps, *env.env.action_space.shape)).astype(np.float32)
+            t0 = time.perf_counter()
+            for a in actions:
+                obs, _, terminated, truncated, _ = env.step(a)
+                if terminated or truncated:
+                    obs, _ = env.reset(seed=seed)
+            row[kind] = {"make_reset_s": made, "steps_per_s": steps / (time.perf_counter() - t0),
+                         "obs": {k: list(np.shape(v)) for k, v in obs.items()}}
+            env.close()
+        rows[task] = row
+    return {"suite": "maniskill", "steps": steps, "tasks": rows, "cpu_count": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0]}

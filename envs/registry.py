@@ -33,6 +33,9 @@ class EnvSuite:
     write_demos: Callable[..., dict] | None = None
     """write_demos(task, episodes, mix, seed, out_dir, variant=, segment=) -> manifest: the
     suite's demonstration writer (``steerlab demos --suite NAME``), or None"""
+    bench: Callable[..., dict] | None = None
+    """bench(tasks=None) -> figures: a host-stepped suite's make/reset time and steps/s per task
+    (``steerlab bench env --suite NAME``); None: the pure-JAX throughput benchmark"""
 
     def validate(self, task: str, variant: str) -> None:
         if task not in self.tasks:

@@ -105,13 +105,23 @@ def cmd_scaling(args) -> None:
 
 def cmd_bench(args) -> None:
     if args.what == "env":
+        from envs import get_suite
         from envs.bench import bench_env
 
-        _print_json(bench_env(num_envs=args.num_envs, task=args.task), args.json)
+        suite = get_suite(args.suite)
+        if suite.bench is None:
+            _print_json(bench_env(num_envs=args.num_envs, task=args.task or "pick_place"),
+                        args.json)
+        else:
+            tasks = (args.task,) if args.task else suite.tasks
+            for t in tasks:
+                suite.validate(t, suite.variants[0])
+            _print_json(suite.bench(tasks=tasks), args.json)
     elif args.what == "sac":
         from algos.sac_bench import bench_sac
 
-        _print_json(bench_sac(task=args.task, num_updates=args.updates), args.json)
+        _print_json(bench_sac(task=args.task or "pick_place", num_updates=args.updates),
+                    args.json)
     else:
         from experiments.run import bench_sampling_cli
 
@@ -234,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["env", "sampling", "sac"])
     s.add_argument("--json", default=None, help="write the figures to this file")
     s.add_argument("--num-envs", type=int, default=1024)
-    s.add_argument("--task", default="pick_place")
+    s.add_argument("--suite", default="tabletop", help="env: a registered env suite (a "
+                   "host-stepped one is timed per task, with state and with images)")
+    s.add_argument("--task", default=None, help="default: pick_place (tabletop), every task "
+                   "(a host-stepped suite)")
     s.add_argument("--policy", default=None, help="policy run directory (default: fresh init)")
     s.add_argument("--verifier", default=None, help="a registered verifier to time as well "
                    "(e.g. cfn; learned ones unfitted, at their fitted size)")

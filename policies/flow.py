@@ -19,12 +19,14 @@ the last integration step, f32 [M, expert_width].
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import struct
 
@@ -76,6 +78,14 @@ class FlowConfig:
     noise_seed: int = 42
     loss_samples: int = 4
     """(t, noise) draws per observation in the training loss; they share one prefix pass"""
+    state_mean: tuple[float, ...] = ()
+    """per-entry state shift: the network reads (state - state_mean) / state_std; () = raw
+    states. SFT fills the four statistics from its training chunks (``TrainConfig.normalize``)"""
+    state_std: tuple[float, ...] = ()
+    action_mean: tuple[float, ...] = ()
+    """per-dimension action shift: the flow runs on (a - action_mean) / action_std, so that the
+    unit noise has every dimension's spread; () = raw actions"""
+    action_std: tuple[float, ...] = ()
 
     def with_spec(self, spec) -> FlowConfig:
         """Fills the size fields left at 0 from an ``envs.base.EnvSpec``."""
@@ -98,6 +108,29 @@ class FlowConfig:
         if self.noise not in ("fresh", "bank"):
             raise ValueError(f"FlowConfig.noise must be 'fresh' or 'bank', got {self.noise!r}")
         layers.check_state_inputs(self, "FlowConfig")
+        for name, size in (("state", self.state_dim), ("action", self.action_dim)):
+            mean, std = getattr(self, f"{name}_mean"), getattr(self, f"{name}_std")
+            if len(mean) != len(std) or len(mean) not in (0, size):
+                raise ValueError(f"FlowConfig.{name}_mean and {name}_std must both be empty or "
+                                 f"both have {name}_dim = {size} entries, got {len(mean)} and "
+                                 f"{len(std)}")
+            if not all(v > 0 for v in std):
+                raise ValueError(f"FlowConfig.{name}_std entries must be > 0")
+
+    def with_statistics(self, states: np.ndarray, actions: np.ndarray) -> FlowConfig:
+        """The config with the mean and std of training states [N, S] and actions [N, A]
+        (a std below ``MIN_STD`` is raised to it: a nearly constant entry is not amplified)."""
+        def stats(x):
+            x = np.asarray(x, np.float64)
+            return (tuple(float(v) for v in x.mean(0)),
+                    tuple(float(v) for v in np.maximum(x.std(0), MIN_STD)))
+
+        (sm, ss), (am, as_) = stats(states), stats(actions)
+        return dataclasses.replace(self, state_mean=sm, state_std=ss, action_mean=am,
+                                   action_std=as_)
+
+
+MIN_STD = 1e-2
 
 
 # Sizes with pi0's cost proportions: with the image prefix the prefix costs about ten times the
@@ -136,6 +169,10 @@ class FlowNet(nn.Module):
     def encode(self, obs):
         # obs [B, ...] -> k, v [Le, B, N, h, d], mask [B, N], state embedding [B, De]
         c = self.cfg
+        if c.state_mean:
+            state = (obs["state"].astype(jnp.float32) - jnp.asarray(c.state_mean)) \
+                / jnp.asarray(c.state_std)
+            obs = {**obs, "state": state}
         x, mask = self.embed(obs)
         for blk in self.blocks:
             x, _ = blk(x, mask)
@@ -205,6 +242,20 @@ class FlowPolicy(ConfiguredPolicy):
         x = jnp.zeros((1, c.horizon, c.action_dim))
         return layers.jit_init(self.net)(key, ob, x, jnp.ones((1,)))
 
+    def to_flow(self, actions: jax.Array) -> jax.Array:
+        """Env actions [..., A] -> the flow's (normalised) space."""
+        c = self.cfg
+        if not c.action_mean:
+            return actions
+        return (actions - jnp.asarray(c.action_mean)) / jnp.asarray(c.action_std)
+
+    def to_actions(self, x: jax.Array) -> jax.Array:
+        """Integrated chunks in the flow's space -> env actions, clipped to [-1, 1]."""
+        c = self.cfg
+        if c.action_mean:
+            x = x * jnp.asarray(c.action_std) + jnp.asarray(c.action_mean)
+        return jnp.clip(x, -1.0, 1.0)
+
     def encode(self, params, obs: dict) -> FlowContext:
         """The prefix keys/values for one observation (batch 1, stored unbatched)."""
         k, v, mask, state = self.net.apply(params, layers.batch_obs(obs, self.cfg.image),
@@ -242,7 +293,7 @@ class FlowPolicy(ConfiguredPolicy):
         if noise is None:
             noise = self.make_noise(key, M)
         x, feat = self._integrate(params, context, noise)
-        return Candidates(jnp.clip(x, -1.0, 1.0), feat, None, {"noise": noise})
+        return Candidates(self.to_actions(x), feat, None, {"noise": noise})
 
     def sample_steered(self, params, context: FlowContext, key: jax.Array, M: int,
                        steer: jax.Array) -> Candidates:
@@ -263,7 +314,7 @@ class FlowPolicy(ConfiguredPolicy):
         if noise is None:
             noise = self.make_noise(key, M)
         x, feat = self._integrate(params, FlowContext(k, v, mask, state), noise)
-        return Candidates(jnp.clip(x, -1.0, 1.0), feat, None, {"noise": noise})
+        return Candidates(self.to_actions(x), feat, None, {"noise": noise})
 
     def one_step_features(self, params, context: FlowContext, clean_chunks: jax.Array,
                           key: jax.Array) -> jax.Array:
@@ -271,7 +322,7 @@ class FlowPolicy(ConfiguredPolicy):
         step; returns the features [M, F] (TACO's add_and_denoise1step_get_feature)."""
         k_ = self.cfg.num_steps
         noise = jax.random.normal(key, clean_chunks.shape)
-        x = noise / k_ + clean_chunks * (k_ - 1) / k_
+        x = noise / k_ + self.to_flow(clean_chunks) * (k_ - 1) / k_
         t = jnp.full((clean_chunks.shape[0],), 1.0 / k_)
         _, feat = self.net.apply(params, x, t, context.k, context.v, context.mask,
                                  context.state, method=FlowNet.velocity)
@@ -286,7 +337,7 @@ class FlowPolicy(ConfiguredPolicy):
         """batch: obs [B, ...], actions [B, H, A], valid bool [B, H] -> (loss, info).
         Each observation gets ``loss_samples`` (t, noise) draws against one prefix pass."""
         n = self.cfg.loss_samples
-        actions = jnp.repeat(batch["actions"], n, 0)  # [B * n, H, A]
+        actions = jnp.repeat(self.to_flow(batch["actions"]), n, 0)  # [B * n, H, A]
         k_t, k_n = jax.random.split(key)
         t = self.sample_time(k_t, actions.shape[:1])
         noise = jax.random.normal(k_n, actions.shape)

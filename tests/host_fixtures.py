@@ -56,3 +56,34 @@ class EarlyEndReach:
 
     def close(self):
         self.env.close()
+
+
+class RolloutReach:
+    """The tabletop reach env without its functional state in ``info``; the simulator oracle
+    rolls candidates out through ``rollout_chunks``, as a host-stepped simulator does."""
+
+    def __init__(self, **kwargs):
+        from envs.gym_env import TabletopGymEnv
+
+        self.env = TabletopGymEnv(task="reach", **kwargs)
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        return obs, {k: v for k, v in info.items() if k != "env_state"}
+
+    def step(self, action):
+        *out, info = self.env.step(action)
+        return *out, {k: v for k, v in info.items() if k != "env_state"}
+
+    def rollout_chunks(self, chunks, success_bonus):
+        from envs.rollout import execute_chunk
+
+        def score(chunk):
+            _, (_, _, success, progress) = execute_chunk(self.env.env, self.env._state, None,
+                                                         chunk)
+            return float(progress[-1]) + success_bonus * bool(success[-1])
+
+        return np.array([score(c) for c in chunks], np.float32)
+
+    def close(self):
+        self.env.close()

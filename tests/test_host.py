@@ -1,15 +1,17 @@
 """The batched host driver and host-loop evaluation: agreement with the compiled path, masking,
 and worker failures surfacing as errors."""
 
+import dataclasses
 import functools
 import time
 
 import jax
 import numpy as np
 import pytest
-from host_fixtures import CountingEnv, EarlyEndReach
+from host_fixtures import CountingEnv, EarlyEndReach, RolloutReach
 
 import envs
+from algos.base import BuildContext
 from envs.host import HostDriver
 from experiments.harness import EvalConfig, Setup, evaluate_compiled
 from experiments.host_loop import evaluate_gym, evaluate_host
@@ -36,11 +38,19 @@ def setup_and_params():
 
 @pytest.fixture(scope="module")
 def compiled(setup_and_params):
+    """The compiled evaluation, classifying modes so that it records the progress at every
+    decision too (the host loop records it always)."""
     setup, params = setup_and_params
-    return evaluate_compiled(setup, params, None)
+    classifying = dataclasses.replace(setup, expert=envs.experts,
+                                      cfg=dataclasses.replace(setup.cfg, classify_modes=True))
+    return evaluate_compiled(classifying, params, None)
 
 
 def _assert_same(expected, got):
+    if "decisions/progress" in expected:  # a learner's run, or one that classifies modes
+        assert expected["decisions/progress"].shape == got["decisions/progress"].shape
+        np.testing.assert_allclose(expected["decisions/progress"], got["decisions/progress"],
+                                   atol=1e-5)
     np.testing.assert_array_equal(expected["success"], got["success"])
     np.testing.assert_array_equal(expected["length"], got["length"])
     np.testing.assert_array_equal(expected["nonfinite_actions"], got["nonfinite_actions"])
@@ -67,6 +77,23 @@ def test_episodes_ending_mid_chunk_match_the_single_env_loop(setup_and_params):
     expected = evaluate_gym(setup, factory(), params, None)
     assert len(set(expected["length"].tolist())) > 1
     _assert_same(expected, got)
+
+
+def test_a_simulator_oracle_rolled_out_on_the_host_equals_the_compiled_one(setup_and_params):
+    """oracle_sim on envs that keep their state to themselves: each env executes the
+    decision's candidates from its state and restores it (``rollout_chunks``), and the episodes
+    are the compiled oracle's, which copies the functional state."""
+    setup, params = setup_and_params
+    env = setup.env
+    oracle = make_verifier("oracle_sim", BuildContext(env=env, replan=setup.cfg.replan))
+    cfg = dataclasses.replace(setup.cfg, M=4)
+    with_oracle = dataclasses.replace(setup, verifier=oracle, cfg=cfg)
+    expected = evaluate_compiled(with_oracle, params, None)
+    with HostDriver(functools.partial(RolloutReach, image=False, max_steps=12), num_envs=4,
+                    workers=2) as driver:
+        _assert_same(expected, evaluate_host(with_oracle, driver, params, None))
+    random = evaluate_compiled(dataclasses.replace(setup, cfg=cfg), params, None)
+    assert expected["progress"].mean() > random["progress"].mean()  # it did choose
 
 
 def test_inactive_envs_are_not_stepped():

@@ -60,14 +60,59 @@ def test_bad_input_is_named(suite_env):
         make("OpenDoor-v9")
     with pytest.raises(ValueError, match="control_mode must be one of"):
         make("PickCube-v1", control_mode="torque")
-    with pytest.raises(ValueError, match="image observations are not exposed yet"):
-        make("PickCube-v1", image=True)
+
+
+def test_the_simulator_oracle_restores_the_state(suite_env):
+    """``rollout_chunks`` (oracle_sim on the host): a chunk's score is what executing it gives,
+    and the env goes on from the state it was in (PhysX restores to about 1e-6)."""
+    from envs.maniskill import ManiSkillGymEnv
+
+    a, b = ManiSkillGymEnv("PickCube-v1"), ManiSkillGymEnv("PickCube-v1")
+    try:
+        a.reset(seed=3)
+        b.reset(seed=3)
+        chunks = np.random.default_rng(0).uniform(-1, 1, (3, 4, 7)).astype(np.float32)
+        scores = a.rollout_chunks(chunks, success_bonus=1.0)
+        assert scores.shape == (3,) and len(set(scores.tolist())) == 3
+        for action in chunks[1]:
+            got = a.step(action)
+            want = b.step(action)
+        np.testing.assert_allclose(got[0]["state"], want[0]["state"], atol=1e-4)
+        assert got[1] == pytest.approx(scores[1], abs=1e-4) and got[0]["time"] == want[0]["time"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_camera_observations_and_the_benchmark(suite_env):
+    """image=True adds the camera's RGB frame and leaves the state and the physics as they are
+    without it; the benchmark reports both kinds per task."""
+    from envs.maniskill import ManiSkillGymEnv, bench, make
+
+    assert make("PickCube-v1", image=True).spec.image and not suite_env.spec.image
+    plain, seen = ManiSkillGymEnv("PickCube-v1"), ManiSkillGymEnv("PickCube-v1", image=True)
+    try:
+        a, _ = plain.reset(seed=5)
+        b, _ = seen.reset(seed=5)
+        assert "image" not in a and b["image"].shape == (128, 128, 3)
+        assert b["image"].dtype == np.uint8 and b["image"].std() > 5  # a scene, not a blank
+        for _ in range(2):
+            a = plain.step(np.full(7, 0.3))[0]
+            b = seen.step(np.full(7, 0.3))[0]
+        np.testing.assert_array_equal(a["state"], b["state"])
+    finally:
+        plain.close()
+        seen.close()
+    figures = bench(tasks=("PushCube-v1",), steps=5)["tasks"]["PushCube-v1"]
+    assert figures["image"]["obs"]["image"] == [128, 128, 3]
+    assert figures["state"]["steps_per_s"] > 0 and figures["image"]["steps_per_s"] > 0
 
 
 def test_the_harness_through_the_host_driver(suite_env, tmp_path):
     """A tiny untrained flow policy sized from the suite's spec: ``steerlab eval
     suite=maniskill`` runs it on host-stepped environments, and a second run of the same
-    episodes repeats them exactly (paired initial states, same keys)."""
+    episodes repeats them exactly (paired initial states, same keys); the simulator oracle and
+    a test-time learner run there too."""
     from experiments.cli import main
     from policies import FlowConfig, example_obs, make_policy, save_policy
 
@@ -88,6 +133,17 @@ def test_the_harness_through_the_host_driver(suite_env, tmp_path):
     assert [r["length"] for r in results[0]] == [8, 8, 8]  # an untrained policy: time limit
     assert all(0.0 <= r["progress"] <= 1.0 for r in results[0])
     assert results[0] == results[1]
+    oracle = ["eval", "--out", str(tmp_path / "oracle"), f"policy_dir={tmp_path / 'policy'}",
+              "suite=maniskill", "task=PickCube-v1", "eval.M=3", "eval.episodes=2",
+              "eval.max_steps=8", "eval.replan=2", "verifier.name=oracle_sim"]
+    assert main(oracle) == 0
+    learner = ["eval", "--out", str(tmp_path / "ttvla"), f"policy_dir={tmp_path / 'policy'}",
+               "suite=maniskill", "task=PickCube-v1", "eval.M=2", "eval.episodes=2",
+               "eval.max_steps=8", "eval.replan=2", "adapter.name=ttvla",
+               "adapter.ttvla.interval=2"]
+    assert main(learner) == 0
+    metrics = json.loads((tmp_path / "ttvla" / "result.json").read_text())["metrics"]
+    assert metrics["learner_updates_per_episode"] == 1.0  # decisions 0-3: one update, at 2
 
 
 def test_motion_planned_demonstrations_and_a_policy_sized_from_them(suite_env, tmp_path):

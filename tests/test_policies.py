@@ -1,5 +1,7 @@
 """Base policies: flow-matching chunk policy and autoregressive token policy."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,3 +222,43 @@ def test_ar_determinism_and_temperature(ar):
     # near-zero temperature is greedy: all candidates agree
     g = sample(params, ctx, jax.random.PRNGKey(1), 3, temperature=1e-4)
     np.testing.assert_array_equal(g.extras["tokens"][0], g.extras["tokens"][1])
+
+
+def test_flow_normalisation_is_an_affine_change_of_coordinates(flow):
+    """A policy with state/action statistics is the raw policy (same weights) run on
+    standardised states and actions: the same loss on standardised data, and its samples are
+    the raw policy's mapped back (then clipped to [-1, 1])."""
+    pol, params = flow
+    rng = np.random.default_rng(1)
+    s_mean, s_std = rng.normal(size=5), rng.uniform(0.5, 2.0, 5)
+    a_mean, a_std = np.array([0.1, -0.2, 0.0]), np.array([0.2, 0.1, 0.5])
+    normed = make_policy("flow", dataclasses.replace(
+        TINY_FLOW, state_mean=tuple(s_mean), state_std=tuple(s_std),
+        action_mean=tuple(a_mean), action_std=tuple(a_std)))
+    obs = make_obs(2)
+    raw_obs = {**obs, "state": ((obs["state"] - s_mean) / s_std).astype(np.float32)}
+    actions = rng.uniform(-0.3, 0.3, (2, 4, 3)).astype(np.float32)
+    key = jax.random.PRNGKey(3)
+    batch = {"obs": batch_of(obs, 2), "actions": jnp.asarray(actions),
+             "valid": jnp.ones((2, 4), bool)}
+    raw_batch = {"obs": batch_of(raw_obs, 2),
+                 "actions": jnp.asarray(((actions - a_mean) / a_std).astype(np.float32)),
+                 "valid": jnp.ones((2, 4), bool)}
+    np.testing.assert_allclose(normed.loss(params, batch, key)[0],
+                               pol.loss(params, raw_batch, key)[0], rtol=1e-5)
+    noise = pol.make_noise(key, 3)
+    ours = normed.sample(params, normed.encode(params, obs), key, 3, noise=noise).actions
+    x, _ = pol._integrate(params, pol.encode(params, raw_obs), noise)
+    np.testing.assert_allclose(ours, np.clip(np.asarray(x) * a_std + a_mean, -1, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="action_mean and action_std"):
+        dataclasses.replace(TINY_FLOW, action_mean=(0.0,), action_std=(1.0,)).validate()
+    with pytest.raises(ValueError, match="state_std entries must be > 0"):
+        dataclasses.replace(TINY_FLOW, state_mean=(0.0,) * 5, state_std=(0.0,) * 5).validate()
+
+
+def test_flow_statistics_floor_a_constant_entry():
+    cfg = TINY_FLOW.with_statistics(np.array([[1.0] * 5, [1.0, 2, 3, 4, 5]]),
+                                    np.array([[0.5, 0.0, 1.0], [0.5, 0.2, -1.0]]))
+    np.testing.assert_allclose(cfg.state_std, [1e-2, 0.5, 1.0, 1.5, 2.0])
+    np.testing.assert_allclose(cfg.action_mean, [0.5, 0.1, 0.0])
+    np.testing.assert_allclose(cfg.action_std, [1e-2, 0.1, 1.0])

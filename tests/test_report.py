@@ -257,7 +257,7 @@ def test_locations_relative_paths_resolve_from_run_ancestors(tmp_path, monkeypat
     monkeypatch.chdir(run)  # the report is made from somewhere else than the evaluation
     locs = locations(load_records(run))
     assert locs == [{"policy_dir": str((tmp_path / "qs" / "stages" / "pol").resolve()),
-                     "verifiers": [("qs/stages/nowhere", "cfn")]}]
+                     "verifiers": [("qs/stages/nowhere", "cfn")], "run_args": ""}]
 
 
 def test_reuse_commands_quote_paths():
@@ -266,3 +266,6 @@ def test_reuse_commands_quote_paths():
                        "verifier_dir=/v verifier.name=cfn eval.M=16")
     assert cmds[1] == ("steerlab bench sampling --policy '/a b/pol' --verifier cfn "
                        "--json bench_sampling_cfn.json")
+    on = reuse_commands("/p", [("/v", "knn")], "suite=maniskill task=PickCube-v1")
+    assert on[0] == ("steerlab eval --out runs/eval_knn_M16 policy_dir=/p suite=maniskill "
+                     "task=PickCube-v1 verifier_dir=/v verifier.name=knn eval.M=16")

@@ -180,3 +180,20 @@ def test_bad_dataset_leaves_no_run_directory(tmp_path):
     with pytest.raises(ValueError, match="manifest.json"):
         train_policy(tiny_cfg(datasets=(str(tmp_path / "missing"),)), str(out), progress=False)
     assert not out.exists()
+
+
+def test_normalize_stores_the_training_chunks_statistics(tmp_path, data):
+    cfg = tiny_cfg(normalize=True, heldout=0.0)
+    run = train_policy(cfg, str(tmp_path / "norm"), data=data, progress=False)
+    policy, _, loaded = load_checkpoint(run)
+    valid = data["valid"]
+    np.testing.assert_allclose(loaded.flow.state_mean, data["obs"]["state"].mean(0), atol=1e-6)
+    np.testing.assert_allclose(loaded.flow.state_std, data["obs"]["state"].std(0), atol=1e-6)
+    np.testing.assert_allclose(loaded.flow.action_mean, data["actions"][valid].mean(0),
+                               atol=1e-6)
+    np.testing.assert_allclose(loaded.flow.action_std, data["actions"][valid].std(0), atol=1e-6)
+    assert policy.cfg == loaded.flow
+    train_policy(cfg, run, data=data, progress=False)  # the same run again resumes, no mismatch
+    with pytest.raises(ValueError, match="normalize is for the flow policy"):
+        tiny_cfg(normalize=True, policy="autoregressive",
+                 autoregressive=ARConfig(**SIZES, width=32, depth=1, heads=2)).validate()

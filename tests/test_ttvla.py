@@ -1,6 +1,8 @@
 """TT-VLA (``algos.ttvla``): the known answers of the published recipe's pieces, and the test-time
 learner inside the harness (per-episode reset, continual streams, pairing with the frozen base)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +21,9 @@ from algos.ttvla import (
     progress_advantages,
     token_kl,
 )
+from envs.host import HostDriver
 from experiments.harness import EvalConfig, Setup, evaluate_compiled
-from experiments.host_loop import evaluate_gym
+from experiments.host_loop import evaluate_gym, evaluate_host
 from policies import ARConfig, make_policy
 from verifiers.registry import make_verifier
 
@@ -240,10 +243,32 @@ def test_bad_input_is_named(learner_env):
         make_adapter("ttvla", ctx, TTVLAConfig(reset="continual", init_from="/nonexistent"))
     with pytest.raises(ValueError, match="offers neither"):
         make_adapter("ttvla", BuildContext(env=env, policy=object(), replan=2), TTVLAConfig())
-    a = make_adapter("ttvla", ctx, TTVLAConfig())
-    with pytest.raises(ValueError, match="learns during the episode"):
-        evaluate_gym(_setup(env, policy, a), envs.TabletopGymEnv(task="reach", max_steps=12),
-                     params, None, a.state)
+    cont = make_adapter("ttvla", ctx, TTVLAConfig(reset="continual", streams=4))
+    with pytest.raises(ValueError, match="set eval.host_envs to its streams"):
+        evaluate_gym(_setup(env, policy, cont), envs.TabletopGymEnv(task="reach", max_steps=12),
+                     params, None, cont.state)
+
+
+@pytest.mark.parametrize("reset", ["episode", "continual"])
+def test_learning_on_host_stepped_envs_equals_the_compiled_path(learner_env, reset):
+    """The learner's carry threaded through the host driver (4 envs; continual: stream j on
+    env j) gives the compiled evaluation's episodes and learner records."""
+    env, policy, params, ctx = learner_env
+    a = make_adapter("ttvla", ctx, TTVLAConfig(interval=2, lr=0.05, reset=reset, streams=4))
+    setup = _setup(env, policy, a)
+    expected = evaluate_compiled(setup, params, None, a.state)
+    factory = functools.partial(envs.TabletopGymEnv, task="reach", max_steps=12)
+    with HostDriver(factory, num_envs=4) as driver:
+        got = evaluate_host(setup, driver, params, None, a.state)
+    assert set(got) >= {"learner/updates", "learner/up_norm"}
+    for k in ("success", "length", "learner/updates"):
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+    close = ["progress", "decisions/progress", "learner/up_norm"]
+    if reset == "continual":
+        close.append("learner/params/up")
+    for k in close:
+        np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    assert np.asarray(expected["learner/up_norm"]).max() > 0  # it did learn
 
 
 # ---------------------------------------------------------------------------------------------

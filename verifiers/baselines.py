@@ -105,11 +105,14 @@ class OracleSimVerifier:
     score = progress after the chunk + success_bonus * success, so a succeeding candidate ranks
     above every failing one and failing ones rank by progress. Needs obs["env_state"] and the
     functional env at build time; ``horizon`` is how many steps of each chunk to run (the
-    harness's replan interval), ``None`` = the whole chunk.
+    harness's replan interval), ``None`` = the whole chunk. On a host-stepped simulator the
+    host loop computes the same scores by saving, stepping and restoring the simulator
+    (``HostDriver.rollout_chunks``) and passes them in as obs["oracle_scores"] [M].
     """
 
     name = "oracle_sim"
     requires: tuple[str, ...] = ("env_state",)
+    sim_rollout = True  # a host-stepped simulator may roll the candidates out for it
 
     def __init__(self, env: Any = None, horizon: int | None = None, success_bonus: float = 1.0):
         if env is None:
@@ -123,6 +126,8 @@ class OracleSimVerifier:
         self.state = None
 
     def score(self, vstate: Any, obs: dict, candidates: Candidates, key: jax.Array) -> jax.Array:
+        if "oracle_scores" in obs:  # rolled out on the host (``experiments.host_loop``)
+            return obs["oracle_scores"]
         if "env_state" not in obs:
             raise ValueError("verifier 'oracle_sim': obs has no 'env_state' entry")
         h_chunk = candidates.actions.shape[1]
