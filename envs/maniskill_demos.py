@@ -64,9 +64,14 @@ def mp_python() -> str:
 
 def write_maniskill_demos(task: str, episodes: int, mix: str | None, seed: int, out_dir: str,
                           variant: str = "nominal", segment: int = 4, noise: float = 0.05,
-                          settle: int = 30) -> dict:
+                          settle: int = 30, image: bool = False,
+                          overwrite: bool = False) -> dict:
     """Motion-planned episodes of ``task`` with a mode per ``segment`` planned actions drawn
-    from ``mix`` -> the dataset's manifest (written through a temporary sibling)."""
+    from ``mix`` -> the dataset's manifest (written through a temporary sibling, which replaces
+    ``out_dir`` only with ``overwrite``)."""
+    if image:
+        raise ValueError("demos.image: suite maniskill writes state-only demonstrations (camera "
+                         "frames would be re-rendered by replay, not built yet); set it false")
     if variant != "nominal":
         raise ValueError(f"variant: suite maniskill has only 'nominal', got {variant!r}")
     if task not in TASKS:
@@ -77,7 +82,7 @@ def write_maniskill_demos(task: str, episodes: int, mix: str | None, seed: int, 
         raise ValueError(f"segment must be >= 1 for suite maniskill, got {segment}")
     weights = parse_mix(mix)
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
+    if os.path.exists(out_dir) and not overwrite:
         raise ValueError(f"out_dir: {out_dir} exists; give another --out, or delete it to "
                          "write it again")
     max_steps = TIME_LIMITS[task]

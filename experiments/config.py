@@ -93,13 +93,13 @@ class RunConfig:
         self.eval.validate(self.train_config().policy_config.horizon)
         self.scaling.validate()
 
-    RUN_OWNED_POLICY_FIELDS = ("tasks", "datasets", "variant")
+    RUN_OWNED_POLICY_FIELDS = ("suite", "tasks", "datasets", "variant")
     """policy fields the run sets itself (``train_config``): a value given for them is ignored,
     so the policy stage's key leaves them out"""
 
     def train_config(self, dataset: str | None = None) -> TrainConfig:
         """The SFT config for this run's task (and dataset path, once the demos exist)."""
-        return replace(self.policy, tasks=(self.task,),
+        return replace(self.policy, suite=self.suite, tasks=(self.task,),
                        datasets=(dataset,) if dataset else (), variant="nominal")
 
 

@@ -187,3 +187,30 @@ def test_demonstration_input_is_checked(monkeypatch, tmp_path):
     monkeypatch.setenv("STEERLAB_MP_PYTHON", str(tmp_path / "no_python"))
     with pytest.raises(FileNotFoundError, match="make setup-maniskill"):
         mp_python()
+
+
+def test_a_grid_runs_every_stage_on_the_suite(suite_env, tmp_path):
+    """The grid pipeline on suite maniskill: motion-planned demonstrations, a normalised
+    policy, a fitted verifier and a test-time learner, evaluated on the same episodes."""
+    from experiments.config import RunConfig
+    from experiments.grid import run_grid
+    from experiments.pipeline import STAGES
+
+    tiny = {"width": 32, "depth": 1, "heads": 2, "expert_width": 16, "expert_heads": 2,
+            "num_steps": 2, "horizon": 4}
+    spec = {"name": "ms", "base": {
+        "suite": "maniskill", "task": "PickCube-v1", "demos": {"episodes": 2},
+        "policy": {"steps": 4, "steps_per_call": 2, "checkpoint_every": 4, "normalize": True,
+                   "heldout": 0.0, "flow": tiny},
+        "eval": {"episodes": 2, "max_steps": 8, "replan": 2, "M": 2},
+        "adapter": {"ttvla": {"interval": 2}}},
+        "zip": [{"verifier.name": ["random", "knn", "random"],
+                 "adapter.name": ["none", "none", "ttvla"]}]}
+    table = run_grid(spec, tmp_path / "grid", STAGES, RunConfig)
+    assert len(table) == 3 and (table["status"] == "done").all(), table.get("error")
+    assert table["metrics.episodes"].tolist() == [2, 2, 2]
+    assert table["metrics.learner_updates_per_episode"].iloc[2] == 1.0
+    policies = list((tmp_path / "grid").glob("stages/policy/*/run/policy/policy.json"))
+    assert len(policies) == 1  # trained once for the three cells
+    flow = json.loads(policies[0].read_text())["config"]
+    assert len(flow["state_mean"]) == 42 and len(flow["action_std"]) == 7
