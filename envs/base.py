@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import jax
+import numpy as np
 
 Obs = dict[str, jax.Array]
 EnvState = Any  # a pytree for JAX envs, an opaque handle for simulator adapters
@@ -52,6 +53,18 @@ class EnvSpec:
     state_groups: tuple[tuple[str, int, int], ...] = ()
     """how ``state`` splits into entities: (name, count, size) in order, sizes summing to
     state_dim; policies may embed one token per entity so attention can bind words to them"""
+    image_size: int = IMAGE_SIZE
+    """side of the square RGB ``image`` (when ``image``)"""
+
+    def example_obs(self) -> dict:
+        """A zero observation with the shapes and dtypes of this env's (``reset``'s), to size
+        networks without stepping the env (a host-stepped simulator has no functional reset)."""
+        obs = {"state": np.zeros(self.state_dim, np.float32),
+               "instruction": np.zeros(self.instruction_len, np.int32),
+               "task_id": np.int32(0), "time": np.float32(0.0)}
+        if self.image:
+            obs["image"] = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        return obs
 
 
 class FunctionalEnv(Protocol):

@@ -53,6 +53,7 @@ TASKS: dict[str, str] = {
 TIME_LIMITS = {"PickCube-v1": 150, "PushCube-v1": 150, "PullCube-v1": 150, "StackCube-v1": 200,
                "PegInsertionSide-v1": 300}
 VARIANTS = ("nominal",)
+CAMERA_SIZE = 128  # the tasks' base_camera
 CONTROL_MODES = ("pd_ee_delta_pose", "pd_ee_delta_pos", "pd_joint_delta_pos", "pd_joint_pos")
 VOCAB = ("<pad>", *sorted({w for text in TASKS.values() for w in text.split()}))
 WORD_ID = {w: i for i, w in enumerate(VOCAB)}
@@ -221,7 +222,8 @@ def make(task: str = "PickCube-v1", variant: str = "nominal", image: bool = Fals
     state_dim, action_dim = _dims(task, control_mode)
     spec = EnvSpec(task=task, variant=variant, state_dim=state_dim, action_dim=action_dim,
                    instruction_len=INSTRUCTION_LEN, vocab_size=len(VOCAB), num_tasks=len(TASKS),
-                   max_steps=max_steps or TIME_LIMITS[task], image=image)
+                   max_steps=max_steps or TIME_LIMITS[task], image=image,
+                   image_size=CAMERA_SIZE)
     return ManiSkillSuiteEnv(spec, control_mode)
 
 

@@ -265,3 +265,15 @@ def test_gym_env_checker(env_id):
     assert isinstance(info["env_state"], envs.TabletopState)
     env2 = gymnasium.make(env_id, image=False)
     assert "image" not in env2.reset(seed=0)[0]
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_spec_example_obs_has_the_reset_observation_shapes(image):
+    """What networks are sized from without stepping the env (a host-stepped simulator has no
+    functional reset) matches a real observation field by field."""
+    env = envs.make("pick_place", image=image)
+    _, obs = env.reset(jax.random.PRNGKey(0))
+    example = env.spec.example_obs()
+    assert set(example) == set(obs)
+    for k, v in obs.items():
+        assert np.shape(example[k]) == np.shape(v) and np.asarray(example[k]).dtype == v.dtype, k

@@ -36,6 +36,9 @@ def test_observation_info_and_paired_resets(suite_env):
         assert obs["instruction"].shape == (spec.instruction_len,) and obs["instruction"][0] > 0
         assert int(obs["task_id"]) == 0 and float(obs["time"]) == 0.0
         assert 0.0 <= info["progress"] <= 1.0 and info["success"] is False
+        example = spec.example_obs()  # what verifiers are sized from (no functional reset here)
+        assert {k: (np.shape(v), np.asarray(v).dtype) for k, v in example.items()} == \
+            {k: (np.shape(v), np.asarray(v).dtype) for k, v in obs.items()}
         again, _ = env.reset(options={"key": jax.random.PRNGKey(3)})
         np.testing.assert_array_equal(obs["state"], again["state"])  # the same initial state
         other, _ = env.reset(options={"key": jax.random.PRNGKey(4)})

@@ -193,8 +193,8 @@ class BradleyTerryVerifier:
 
 
 def _init(cfg: BradleyTerryConfig, ctx: BuildContext, key: jax.Array):
-    """An unfitted judge of the fitted one's size, from one observation of the env (backend
-    transformers: the model with a fresh head, actions binned over [-1, 1])."""
+    """An unfitted judge of the fitted one's size, from the env spec's example observation
+    (backend transformers: the model with a fresh head, actions binned over [-1, 1])."""
     if cfg.backend == "transformers":
         from verifiers.vlm_judge import VLMJudge, VLMJudgeVerifier
 
@@ -202,8 +202,7 @@ def _init(cfg: BradleyTerryConfig, ctx: BuildContext, key: jax.Array):
         return VLMJudgeVerifier(VLMJudge(cfg.vlm, cfg.vlm.model_dir, reads_images(ctx.policy),
                                          -np.ones(A), np.ones(A)))
     net = make_judge(cfg.judge, ctx.policy.cfg, ctx.policy.horizon)
-    _, obs = ctx.env.reset(key)
-    one = batch_obs(obs, net.prefix.image)
+    one = batch_obs(ctx.env.spec.example_obs(), net.prefix.image)
     chunk = jnp.zeros((1, ctx.policy.horizon, ctx.env.spec.action_dim))
     params = jit_init(net)(key, one, chunk)["params"]
     return BradleyTerryVerifier(params, net)

@@ -128,9 +128,9 @@ def _fit(cfg: CalQLVerifierConfig, ctx: BuildContext, params: Any, demos: Any, k
 
 
 def _init(cfg: CalQLVerifierConfig, ctx: BuildContext, key: jax.Array) -> CalQLVerifier:
-    """An unfitted critic of the fitted one's shapes, from one observation of the env."""
+    """An unfitted critic of the fitted one's shapes, from the env spec's example observation."""
     learner = _learner_config(cfg, ctx)
-    _, obs = ctx.env.reset(key)
+    obs = ctx.env.spec.example_obs()
     chunk = jnp.zeros((1, ctx.policy.horizon * ctx.env.spec.action_dim))
     data = {"obs": jax.tree.map(lambda x: x[None], obs), "action": chunk}
     return CalQLVerifier(init_calql(learner, data, key))
