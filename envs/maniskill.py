@@ -171,18 +171,21 @@ class ManiSkillGymEnv:
         progress after the chunk + ``success_bonus`` if it succeeded (stopping there), [M]."""
         u = self.env.unwrapped
         saved, elapsed = u.get_state_dict(), u._elapsed_steps.clone()
-        scores = np.zeros(len(chunks), np.float32)
-        for m, chunk in enumerate(np.clip(np.nan_to_num(np.asarray(chunks, np.float32)), -1, 1)):
+
+        def restore():
             u.set_state_dict(saved)
             u._elapsed_steps[:] = elapsed
+
+        scores = np.zeros(len(chunks), np.float32)
+        for m, chunk in enumerate(np.clip(np.nan_to_num(np.asarray(chunks, np.float32)), -1, 1)):
+            restore()
             for action in chunk:
                 _, reward, _, _, info = self.env.step(action)
-                success = bool(np.asarray(info["success"]).reshape(-1)[0])
-                scores[m] = float(np.asarray(reward).reshape(-1)[0]) + success_bonus * success
-                if success:
+                out = self._info(info, reward)
+                scores[m] = out["progress"] + success_bonus * out["success"]
+                if out["success"]:
                     break
-        u.set_state_dict(saved)
-        u._elapsed_steps[:] = elapsed
+        restore()
         return scores
 
     def close(self) -> None:
